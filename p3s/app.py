@@ -1,0 +1,132 @@
+"""Building the daemons from settings, and running several in one process (``p3s run``).
+
+On the embedded default the broker is kombu's in-process transport, so the
+watcher, the dispatcher and the pilots must share one process: each runs in a
+thread of its own with its own connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from p3s import broker, db
+from p3s.config import Settings, SourceSettings
+from p3s.dispatcher.service import Dispatcher
+from p3s.pilot.service import Limits, Pilot
+from p3s.watcher.service import Watcher
+
+log = logging.getLogger(__name__)
+
+
+def make_dispatcher(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> Dispatcher:
+    """A dispatcher with the schema brought to the current revision."""
+    db.upgrade(settings.database_url)
+    engine = db.make_engine(settings.database_url, echo=settings.database.echo)
+    connection = broker.ensure_connected(broker.connect(settings.broker), max_retries=None)
+    return Dispatcher(settings, engine, connection, reload_settings=reload_settings)
+
+
+def make_pilot(
+    settings: Settings, queues: tuple[str, ...] | None = None, limits: Limits | None = None, pilot_id: str | None = None
+) -> Pilot:
+    connection = broker.ensure_connected(broker.connect(settings.broker), max_retries=None)
+    return Pilot(settings, connection, queues=queues, limits=limits, pilot_id=pilot_id)
+
+
+@dataclass
+class Group:
+    """Daemons sharing a process; one signal handler steers them all."""
+
+    dispatcher: Dispatcher | None = None
+    watcher: Watcher | None = None
+    pilots: list[Pilot] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+
+    def _thread(self, name: str, target: Callable[[], Any]) -> None:
+        def body() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                self.errors.append(exc)
+                log.critical("%s: stopped by an unexpected error", name, exc_info=True)
+                self.stop()
+
+        t = threading.Thread(target=body, name=name, daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def start(self) -> None:
+        # The dispatcher first: it declares the topology the others publish into.
+        if self.dispatcher is not None:
+            d = self.dispatcher
+            self._thread("dispatcher", lambda: (d.run(), d.close()))
+        for pilot in self.pilots:
+            self._thread(f"pilot-{pilot.id}", lambda p=pilot: (p.run(), p.close()))  # type: ignore[misc]
+        if self.watcher is not None:
+            self._thread("watcher", self.watcher.run)
+
+    def stop(self) -> None:
+        for part in (self.watcher, self.dispatcher, *self.pilots):
+            if part is not None:
+                part.should_stop = True
+
+    def kill(self) -> None:
+        for pilot in self.pilots:
+            pilot.kill_requested = True
+        self.stop()
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
+
+    def join(self, timeout: float | None = None) -> None:
+        for t in self.threads:
+            t.join(timeout)
+
+
+def build_group(
+    settings: Settings, watch: list[SourceSettings], pilots: int, reload_settings: Callable[[], Settings] | None = None
+) -> Group:
+    group = Group()
+    group.dispatcher = make_dispatcher(settings, reload_settings)
+    # Declare before anyone publishes, so no event or task is unroutable.
+    from p3s import topology
+
+    topology.declare_all(group.dispatcher.connection, settings.pilot.queues, settings.broker.max_queue_length)
+    group.pilots = [make_pilot(settings) for _ in range(pilots)]
+    if watch:
+        group.watcher = Watcher(settings, watch)
+    return group
+
+
+class Signals:
+    """Signal handlers that only set flags: first TERM stops, second kills payloads, HUP reloads."""
+
+    def __init__(
+        self, on_stop: Callable[[], None], on_kill: Callable[[], None], on_reload: Callable[[], None] | None = None
+    ) -> None:
+        self._on_stop, self._on_kill, self._on_reload = on_stop, on_kill, on_reload
+        self.stopping = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._term)
+        signal.signal(signal.SIGINT, self._term)
+        if self._on_reload is not None:
+            signal.signal(signal.SIGHUP, self._hup)
+
+    def _term(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stopping:
+            self._on_kill()
+        else:
+            self.stopping = True
+            self._on_stop()
+
+    def _hup(self, _signum: int, _frame: FrameType | None) -> None:
+        assert self._on_reload is not None
+        self._on_reload()

@@ -1,0 +1,539 @@
+"""The one ``p3s`` command: ``main(argv) -> int``; logging is configured here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from p3s import __version__
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the command ran and found something wrong (a failed job, a broken audit)
+EXIT_USAGE = 2  # bad arguments or configuration
+EXIT_UNAVAILABLE = 3  # the broker or the database cannot be reached
+
+log = logging.getLogger("p3s")
+
+
+# -- output helpers ---------------------------------------------------------------
+
+
+def _when(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _cell(value: Any, key: str) -> str:
+    if value is None:
+        return "-"
+    if key.endswith("_at") or key in ("deadline", "last_seen"):
+        return _when(value)
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    cells = [[_cell(r.get(c), c) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def emit(args: argparse.Namespace, rows: list[dict[str, Any]], columns: Sequence[str]) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=2))
+    else:
+        print_table(rows, columns)
+    return EXIT_OK
+
+
+# -- settings and the database --------------------------------------------------------
+
+
+def settings_of(args: argparse.Namespace) -> Any:
+    from p3s.config import load_settings
+
+    return load_settings(args.config)
+
+
+def session_of(args: argparse.Namespace) -> Any:
+    """A session on the configured database, its schema brought up to date."""
+    from sqlalchemy.orm import Session
+
+    from p3s import db
+
+    settings = settings_of(args)
+    db.upgrade(settings.database_url)
+    return Session(db.make_engine(settings.database_url))
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    data = settings.to_dict(masked=True)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    for key, value in data.items():
+        if isinstance(value, dict):
+            print(f"[{key}]")
+            for k, v in value.items():
+                print(f"{k} = {json.dumps(v)}")
+            print()
+        else:
+            print(f"{key} = {json.dumps(value)}")
+    return EXIT_OK
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from p3s import db
+    from p3s.config import mask_url
+
+    settings = settings_of(args)
+    db.upgrade(settings.database_url, args.revision)
+    print(f"database {mask_url(settings.database_url)} is at revision {args.revision}")
+    return EXIT_OK
+
+
+def cmd_dag_import(args: argparse.Namespace) -> int:
+    from p3s.dagengine import parse_graphml
+    from p3s.dispatcher import admin
+
+    tpl = parse_graphml(Path(args.file).read_bytes(), name=args.name)
+    with session_of(args) as s, s.begin():
+        record = admin.import_template(s, tpl)
+        print(
+            f"template {record.name} version {record.version}: {len(tpl.nodes)} node(s), "
+            f"trigger {record.trigger!r}, budget {record.budget_s:g}s"
+        )
+    return EXIT_OK
+
+
+def cmd_dag_list(args: argparse.Namespace) -> int:
+    from p3s.dispatcher import admin
+
+    with session_of(args) as s:
+        rows = admin.list_templates(s, include_deleted=args.all)
+    return emit(args, rows, ["name", "version", "state", "nodes", "trigger", "budget_s"])
+
+
+def _load_template(args: argparse.Namespace) -> Any:
+    from p3s.dagengine import Template
+    from p3s.dispatcher import admin
+
+    with session_of(args) as s:
+        return Template.from_dict(admin.find_template(s, args.name, args.version).spec)
+
+
+def cmd_dag_export(args: argparse.Namespace) -> int:
+    from p3s.dagengine import to_graphml
+
+    sys.stdout.write(to_graphml(_load_template(args)))
+    return EXIT_OK
+
+
+def cmd_dag_show(args: argparse.Namespace) -> int:
+    from p3s.dagengine import to_dot, to_mermaid
+
+    tpl = _load_template(args)
+    if args.format == "dot":
+        sys.stdout.write(to_dot(tpl))
+        return EXIT_OK
+    if args.format == "mermaid":
+        sys.stdout.write(to_mermaid(tpl))
+        return EXIT_OK
+    print(f"template {tpl.name}: trigger {tpl.trigger!r}, budget {tpl.budget_s:g}s")
+    if tpl.description:
+        print(tpl.description)
+    print()
+    rows = [{"node": n.name, **{k: v for k, v in n.to_dict().items() if k != "name"}} for n in tpl.nodes]
+    for row in rows:
+        row["parents"] = ",".join(tpl.parents(row["node"])) or None
+    print_table(
+        rows,
+        [
+            "node",
+            "parents",
+            "queue",
+            "priority",
+            "wall_s",
+            "budget_s",
+            "expected_s",
+            "max_running",
+            "stage_in",
+            "command",
+        ],
+    )
+    if tpl.edges:
+        print()
+        for parent, child in tpl.edges:
+            print(f"{parent} -> {child}")
+    return EXIT_OK
+
+
+def cmd_dag_delete(args: argparse.Namespace) -> int:
+    from p3s.dispatcher import admin
+
+    with session_of(args) as s, s.begin():
+        admin.delete_template(s, args.name)
+    print(f"template {args.name}: deleted; no new workflows will be made from it")
+    return EXIT_OK
+
+
+def cmd_priority_set(args: argparse.Namespace) -> int:
+    from p3s.dispatcher import admin
+
+    with session_of(args) as s, s.begin():
+        admin.set_priority(s, args.template, args.node, args.priority)
+    print(f"stage {args.template}/{args.node}: priority {args.priority} for tasks enqueued from now on")
+    return EXIT_OK
+
+
+def cmd_priority_list(args: argparse.Namespace) -> int:
+    from p3s.dispatcher import admin
+
+    with session_of(args) as s:
+        rows = admin.list_priorities(s)
+    return emit(args, rows, ["template", "node", "priority", "template_priority", "set_at"])
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    from p3s.dispatcher import admin
+
+    with session_of(args) as s:
+        rows = admin.list_files(s, limit=args.limit)
+    return emit(args, rows, ["id", "name", "stream", "decision", "workflows", "seen_at", "path"])
+
+
+def cmd_workflows(args: argparse.Namespace) -> int:
+    from p3s.dispatcher import admin
+
+    with session_of(args) as s:
+        rows = admin.list_workflows(s, limit=args.limit, state=args.state)
+    return emit(args, rows, ["id", "template", "state", "latency_s", "created_at", "file"])
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from p3s.dispatcher import admin
+
+    with session_of(args) as s:
+        rows = admin.list_jobs(s, limit=args.limit, state=args.state, workflow_id=args.workflow)
+    return emit(args, rows, ["id", "workflow_id", "node", "state", "exit_code", "latency_s", "reason", "log"])
+
+
+def cmd_pilots(args: argparse.Namespace) -> int:
+    from p3s.dispatcher import admin
+
+    with session_of(args) as s:
+        rows = admin.list_pilots(s, limit=args.limit)
+    return emit(args, rows, ["id", "state", "host", "queues", "job_id", "jobs_done", "last_seen"])
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from p3s import topology
+    from p3s.broker import Publisher
+    from p3s.messages import DataEvent
+    from p3s.watcher.service import event_message
+
+    settings = settings_of(args)
+    if settings.broker.embedded:
+        print("p3s submit needs a broker shared with a dispatcher: set P3S_BROKER_URL", file=sys.stderr)
+        return EXIT_USAGE
+    events = []
+    for raw in args.paths:
+        if raw.startswith(("root://", "xroot://")):
+            name, size = raw.rstrip("/").rsplit("/", 1)[-1], -1
+        else:
+            path = Path(raw).resolve()
+            if not path.is_file():
+                print(f"not a file: {raw}", file=sys.stderr)
+                return EXIT_USAGE
+            name, size, raw = path.name, path.stat().st_size, str(path)
+        events.append(
+            DataEvent(
+                name=name,
+                path=raw,
+                stream=args.stream,
+                seen_at=time.time(),
+                source="submit",
+                size=size,
+                force=args.force,
+                by_hand=True,
+                template=args.template or "",
+            )
+        )
+    publisher = Publisher(settings.broker, exchanges=[topology.events_exchange])
+    try:
+        publisher.publish(event_message(e) for e in events)
+    finally:
+        publisher.close()
+    print(f"submitted {len(events)} file(s)" + (" (forced)" if args.force else ""))
+    return EXIT_OK
+
+
+def _sources_for(args: argparse.Namespace, settings: Any) -> list[Any]:
+    from p3s.config import SourceSettings
+
+    if getattr(args, "watch", None):
+        return [
+            SourceSettings(
+                name=f"watch{i}" if i else "watch",
+                kind="inotify",
+                location=str(Path(d).resolve()),
+                pattern=args.pattern,
+                stream=args.stream,
+            )
+            for i, d in enumerate(args.watch)
+        ]
+    return list(settings.sources)
+
+
+def _run_group(group: Any, reload_settings: Callable[[], Any] | None, until: Callable[[], bool] | None = None) -> int:
+    from p3s.app import Signals
+
+    def reload() -> None:
+        if group.dispatcher is not None:
+            group.dispatcher.reload_requested = True
+
+    Signals(group.stop, group.kill, reload if reload_settings else None).install()
+    group.start()
+    while group.alive():
+        if until is not None and until():
+            group.stop()
+        time.sleep(0.2)
+    group.join()
+    return EXIT_FAILURE if group.errors else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from p3s import metrics
+    from p3s.app import build_group
+    from p3s.config import load_settings
+
+    settings = settings_of(args)
+    sources = _sources_for(args, settings)
+    if settings.broker.embedded:
+        log.info(
+            "embedded mode: in-process broker (no priorities, no TTL, one process), SQLite at %s", settings.database_url
+        )
+    metrics.serve(settings.metrics)
+    group = build_group(settings, sources, args.pilots, reload_settings=lambda: load_settings(args.config))
+    return _run_group(group, reload_settings=lambda: load_settings(args.config))
+
+
+def cmd_dispatcher(args: argparse.Namespace) -> int:
+    from p3s import metrics
+    from p3s.app import Group, make_dispatcher
+    from p3s.config import load_settings
+
+    settings = settings_of(args)
+    if settings.broker.embedded:
+        print(
+            "p3s dispatcher alone needs a broker (P3S_BROKER_URL); `p3s run` runs all parts in one process",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    metrics.serve(settings.metrics)
+    group = Group(dispatcher=make_dispatcher(settings, lambda: load_settings(args.config)))
+    return _run_group(group, reload_settings=lambda: load_settings(args.config))
+
+
+def cmd_watcher(args: argparse.Namespace) -> int:
+    from p3s import metrics
+    from p3s.app import Group
+    from p3s.watcher.service import Watcher
+
+    settings = settings_of(args)
+    if settings.broker.embedded:
+        print("p3s watcher alone needs a broker (P3S_BROKER_URL)", file=sys.stderr)
+        return EXIT_USAGE
+    sources = _sources_for(args, settings)
+    if not sources:
+        print("no sources: configure [[sources]] or give --watch DIR", file=sys.stderr)
+        return EXIT_USAGE
+    metrics.serve(settings.metrics)
+    return _run_group(Group(watcher=Watcher(settings, sources)), reload_settings=None)
+
+
+def cmd_pilot(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from p3s import metrics
+    from p3s.app import Group, make_pilot
+    from p3s.pilot.service import Limits
+
+    settings = settings_of(args)
+    if settings.broker.embedded:
+        print(
+            "p3s pilot alone needs a broker (P3S_BROKER_URL); `p3s run --pilots N` runs pilots in-process",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.metrics_port is not None:
+        settings = dataclasses.replace(settings, metrics=dataclasses.replace(settings.metrics, port=args.metrics_port))
+    queues = tuple(q for q in (args.queues or ",".join(settings.pilot.queues)).split(",") if q)
+    limits = Limits(
+        max_jobs=args.max_jobs if args.max_jobs is not None else settings.pilot.max_jobs,
+        idle_exit_s=args.idle_exit if args.idle_exit is not None else settings.pilot.idle_exit_s,
+        lifetime_s=args.lifetime if args.lifetime is not None else settings.pilot.lifetime_s,
+    )
+    metrics.serve(settings.metrics)
+    pilot = make_pilot(settings, queues=queues, limits=limits, pilot_id=args.id)
+    return _run_group(Group(pilots=[pilot]), reload_settings=None)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from p3s.demo import run_demo
+
+    return run_demo(files=args.files, pilots=args.pilots, keep=args.keep)
+
+
+# -- the parser ---------------------------------------------------------------------
+
+
+def _listing(
+    sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str, state: bool = False
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--json", action="store_true", help="a JSON list of objects instead of a table")
+    p.add_argument("--limit", type=int, default=100, help="newest N rows (default 100)")
+    if state:
+        p.add_argument("--state", help="only rows in this state")
+    p.set_defaults(func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p3s", description="Prompt processing for detector data quality monitoring.")
+    parser.add_argument("--version", action="version", version=f"p3s {__version__}")
+    parser.add_argument("--config", "-c", default=None, help="TOML settings file (default: $P3S_CONFIG)")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default from settings)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("config", help="show the effective settings").add_subparsers(dest="what", required=True)
+    show = p.add_parser("show", help="print every setting, passwords masked")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("db", help="database schema").add_subparsers(dest="what", required=True)
+    up = p.add_parser("upgrade", help="create or upgrade the schema (Alembic)")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=cmd_db_upgrade)
+
+    dag = sub.add_parser("dag", help="DAG templates").add_subparsers(dest="what", required=True)
+    q = dag.add_parser("import", help="import a GraphML template (a new version if the name exists)")
+    q.add_argument("file")
+    q.add_argument("--name", help="template name (default: the graph's name attribute)")
+    q.set_defaults(func=cmd_dag_import)
+    q = dag.add_parser("list", help="list templates")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--all", action="store_true", help="include old versions and deleted templates")
+    q.set_defaults(func=cmd_dag_list)
+    for name, func, help in (
+        ("export", cmd_dag_export, "print a template as GraphML"),
+        ("show", cmd_dag_show, "print a template's nodes, edges and attributes"),
+    ):
+        q = dag.add_parser(name, help=help)
+        q.add_argument("name")
+        q.add_argument("--version", type=int, default=None, help="a given version (default: the newest)")
+        if name == "show":
+            q.add_argument("--format", choices=["text", "dot", "mermaid"], default="text")
+        q.set_defaults(func=func)
+    q = dag.add_parser("delete", help="stop new workflows from a template; history stays")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_dag_delete)
+
+    pr = sub.add_parser("priority", help="stage priorities").add_subparsers(dest="what", required=True)
+    q = pr.add_parser("set", help="set a stage's priority for tasks enqueued from now on")
+    q.add_argument("template")
+    q.add_argument("node")
+    q.add_argument("priority", type=int)
+    q.set_defaults(func=cmd_priority_set)
+    q = pr.add_parser("list", help="every stage's effective priority")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_priority_list)
+
+    _listing(sub, "files", cmd_files, "files seen and the decision for each")
+    _listing(sub, "workflows", cmd_workflows, "workflows", state=True)
+    jobs = _listing(sub, "jobs", cmd_jobs, "jobs", state=True)
+    jobs.add_argument("--workflow", type=int, default=None, help="only the jobs of this workflow")
+    _listing(sub, "pilots", cmd_pilots, "pilots")
+
+    q = sub.add_parser("submit", help="publish data events for existing files")
+    q.add_argument("paths", nargs="+")
+    q.add_argument("--template", help="use this template only, whatever its trigger")
+    q.add_argument("--force", action="store_true", help="bypass sampling and de-duplication")
+    q.add_argument("--stream", default="raw")
+    q.set_defaults(func=cmd_submit)
+
+    def watch_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--watch", action="append", metavar="DIR", help="follow DIR with inotify (repeatable)")
+        q.add_argument("--pattern", default="*", help="glob of file names to publish (with --watch)")
+        q.add_argument("--stream", default="raw", help="stream of the files (with --watch)")
+
+    q = sub.add_parser("run", help="watcher, dispatcher and pilots in one process")
+    watch_options(q)
+    q.add_argument("--pilots", type=int, default=2, help="pilots to run in-process (0: they run elsewhere)")
+    q.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("demo", help="a self-contained demonstration on the embedded default")
+    q.add_argument("--files", type=int, default=5)
+    q.add_argument("--pilots", type=int, default=2)
+    q.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    q.set_defaults(func=cmd_demo)
+
+    q = sub.add_parser("dispatcher", help="run the dispatcher")
+    q.set_defaults(func=cmd_dispatcher)
+    q = sub.add_parser("watcher", help="run the watcher")
+    watch_options(q)
+    q.set_defaults(func=cmd_watcher)
+    q = sub.add_parser("pilot", help="run a pilot")
+    q.add_argument("--queues", default=None, help="comma-separated task queues (default from settings)")
+    q.add_argument("--max-jobs", type=int, default=None, help="stop after N tasks")
+    q.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS", help="stop after idling this long")
+    q.add_argument("--lifetime", type=float, default=None, metavar="SECONDS", help="stop after this long")
+    q.add_argument("--id", default=None, help="pilot id (default: host-pid-random)")
+    q.add_argument("--metrics-port", type=int, default=None, help="serve metrics on this port")
+    q.set_defaults(func=cmd_pilot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from p3s.errors import BrokerUnavailable, ConfigError, DatabaseUnavailable, NotFound, P3SError, TemplateError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = args.log_level or os.environ.get("P3S_LOG_LEVEL") or "INFO"
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[%(threadName)s]: %(message)s",
+        stream=sys.stderr,
+    )
+    # Alembic narrates every step at INFO; an operator wants only its warnings.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        return int(args.func(args))
+    except (ConfigError, TemplateError, NotFound) as exc:
+        print(f"p3s: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (BrokerUnavailable, DatabaseUnavailable) as exc:
+        print(f"p3s: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except P3SError as exc:
+        print(f"p3s: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except BrokenPipeError:
+        return EXIT_OK

@@ -1,0 +1,340 @@
+"""One frozen settings object, read from a TOML file and ``P3S_*`` environment variables.
+
+Every value has a default, so ``p3s`` runs with no file at all on its embedded
+default (SQLite and an in-process broker).  A value in the environment wins over
+the file: ``P3S_BROKER_URL`` sets ``[broker] url``, ``P3S_STATE_DIR`` sets the
+top-level ``state_dir``.  Lists and tables in the environment are JSON.
+Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from p3s.errors import ConfigError
+
+EMBEDDED_BROKER_URL = "memory://"
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _with_password(url: str, password_file: str) -> str:
+    """Put the password read from ``password_file`` into ``url``."""
+    if not password_file:
+        return url
+    try:
+        password = Path(password_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read password file {password_file}: {exc.strerror}") from exc
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{quote(parts.username or '', safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """How to reach RabbitMQ; an empty url means the in-process embedded broker."""
+
+    url: str = field(default="", repr=False)
+    password_file: str = ""
+    heartbeat_s: float = 30.0
+    # Per task queue; 0 leaves the queue unbounded.  When full, RabbitMQ drops
+    # the oldest task and dead-letters it, so the drop is counted.
+    max_queue_length: int = 0
+    ssl_ca: str = ""
+    ssl_cert: str = ""
+    ssl_key: str = ""
+
+    @property
+    def embedded(self) -> bool:
+        return not self.url or self.url.startswith("memory://")
+
+    @property
+    def effective_url(self) -> str:
+        if self.embedded:
+            return EMBEDDED_BROKER_URL
+        return _with_password(self.url, self.password_file)
+
+    def __repr__(self) -> str:
+        return f"BrokerSettings(url={mask_url(self.url)!r})"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """Where the dispatcher keeps its records; an empty url means SQLite in state_dir."""
+
+    url: str = field(default="", repr=False)
+    password_file: str = ""
+    echo: bool = False
+
+    def __repr__(self) -> str:
+        return f"DatabaseSettings(url={mask_url(self.url)!r})"
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """One storage source the watcher follows."""
+
+    name: str = "buffer"
+    kind: str = "inotify"
+    location: str = ""
+    pattern: str = "*"
+    stream: str = "raw"
+    # Pilots read the file as url_prefix + path relative to location; empty: the local path.
+    url_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class WatcherSettings:
+    """What the watcher ignores, rescans and holds while the broker is away."""
+
+    ignore: tuple[str, ...] = (".*", "*.tmp", "*.part", "*~")
+    rescan_age_s: float = 3600.0
+    backlog_max: int = 100_000
+
+
+@dataclass(frozen=True)
+class DispatcherSettings:
+    """Batching, reaping and shedding limits of the dispatcher."""
+
+    batch_size: int = 500
+    reap_interval_s: float = 2.0
+    heartbeat_timeout_s: float = 60.0
+    # Extra time after a deadline before `p3s audit` calls an active job stale.
+    audit_grace_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class PilotSettings:
+    """Defaults for pilots; the command line overrides them."""
+
+    queues: tuple[str, ...] = ("default",)
+    heartbeat_s: float = 10.0
+    work_root: str = ""
+    kill_grace_s: float = 5.0
+    max_jobs: int = 0
+    idle_exit_s: float = 0.0
+    lifetime_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Where a daemon serves Prometheus metrics; port 0 turns them off."""
+
+    address: str = "127.0.0.1"
+    port: int = 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration of every p3s part."""
+
+    state_dir: str = ""
+    output_root: str = ""
+    log_root: str = ""
+    log_level: str = "INFO"
+    broker: BrokerSettings = BrokerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    sources: tuple[SourceSettings, ...] = ()
+    watcher: WatcherSettings = WatcherSettings()
+    dispatcher: DispatcherSettings = DispatcherSettings()
+    pilot: PilotSettings = PilotSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    # Fraction of files to process, by stream name or by glob on the file name.
+    sampling: Mapping[str, float] = field(default_factory=dict)
+    source_file: str = ""
+
+    @property
+    def state_path(self) -> Path:
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "p3s"
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_root).expanduser() if self.output_root else self.state_path / "outputs"
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.log_root).expanduser() if self.log_root else self.state_path / "logs"
+
+    @property
+    def database_url(self) -> str:
+        if not self.database.url:
+            return f"sqlite:///{self.state_path / 'p3s.db'}"
+        return _with_password(self.database.url, self.database.password_file)
+
+    def to_dict(self, masked: bool = True) -> dict[str, Any]:
+        """Every setting as plain data, passwords masked unless asked otherwise."""
+        data = _plain(dataclasses.asdict(self))
+        if masked:
+            data["broker"]["url"] = mask_url(self.broker.url)
+            data["database"]["url"] = mask_url(self.database.url)
+        data["effective"] = {
+            "broker_url": mask_url(self.broker.effective_url) if masked else self.broker.effective_url,
+            "database_url": mask_url(self.database_url) if masked else self.database_url,
+            "state_dir": str(self.state_path),
+            "output_root": str(self.output_path),
+            "log_root": str(self.log_path),
+        }
+        return data
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert a TOML or environment value to the type a field declares."""
+    origin = typing.get_origin(hint)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(hint, value, where)
+    if origin is tuple:
+        (item,) = typing.get_args(hint)[:1]
+        if isinstance(value, str):
+            value = _json(value, where) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or hint in (Mapping, dict):
+        if isinstance(value, str):
+            value = _json(value, where)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        val_hint = typing.get_args(hint)[1] if typing.get_args(hint) else Any
+        return types.MappingProxyType({str(k): _coerce(v, val_hint, f"{where}.{k}") for k, v in value.items()})
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if hint is int and isinstance(value, float) and value != number:
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not valid JSON: {exc}") from None
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where or 'top level'}: unknown setting {unknown[0]!r}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}".lstrip(".")) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Turn ``P3S_SECTION_KEY`` variables into a nested dict shaped like the TOML file."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        if f.name == "source_file":
+            continue
+        hint = typing.get_type_hints(Settings)[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            for sub in dataclasses.fields(hint):
+                name = f"P3S_{f.name}_{sub.name}".upper()
+                if name in environ:
+                    out.setdefault(f.name, {})[sub.name] = environ[name]
+        else:
+            name = f"P3S_{f.name}".upper()
+            if name in environ:
+                out[f.name] = environ[name]
+    return out
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (or ``$P3S_CONFIG``), apply ``P3S_*`` overrides and validate.
+
+    Raises ConfigError naming the setting when a value is malformed.
+    """
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("P3S_CONFIG") or None
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+    for key, value in _environment_overrides(environ).items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    settings = _build(Settings, data, "")
+    settings = dataclasses.replace(settings, source_file=str(path or ""))
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    for stream, fraction in s.sampling.items():
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"sampling.{stream}: fraction must be between 0 and 1, got {fraction}")
+    names = [src.name for src in s.sources]
+    if len(names) != len(set(names)):
+        raise ConfigError("sources: two sources share a name")
+    for src in s.sources:
+        if src.kind not in ("inotify", "poll", "xrootd"):
+            raise ConfigError(f"sources.{src.name}.kind: must be inotify, poll or xrootd, got {src.kind!r}")
+    if s.broker.max_queue_length < 0:
+        raise ConfigError("broker.max_queue_length: must be 0 (unbounded) or positive")
+    if s.dispatcher.batch_size < 1:
+        raise ConfigError("dispatcher.batch_size: must be at least 1")

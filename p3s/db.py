@@ -1,0 +1,222 @@
+"""SQLAlchemy 2.0 models and the engine factory; the schema itself is Alembic's.
+
+Times are float seconds since the epoch (UTC), as in the messages, so latencies
+are plain subtractions on both SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy.exc
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from p3s.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class FileRecord(Base):
+    """One sighting of a file, with the one decision taken for it."""
+
+    __tablename__ = "files"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(512), index=True)
+    # Set to the name for the first sighting only, so a unique index makes
+    # de-duplication safe between two dispatchers; NULL on duplicates and forced runs.
+    dedup_key: Mapped[str | None] = mapped_column(String(512), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    stream: Mapped[str] = mapped_column(String(128), index=True)
+    source: Mapped[str] = mapped_column(String(128), default="")
+    size: Mapped[int] = mapped_column(BigInteger, default=-1)
+    seen_at: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[float] = mapped_column(Float, index=True)
+    decision: Mapped[str] = mapped_column(String(16), index=True)
+    by_hand: Mapped[bool] = mapped_column(Boolean, default=False)
+    forced: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class TemplateRecord(Base):
+    """One version of a DAG template; workflows point at the version they were made from."""
+
+    __tablename__ = "templates"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    trigger: Mapped[str] = mapped_column(String(512))
+    budget_s: Mapped[float] = mapped_column(Float)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    deleted_at: Mapped[float | None] = mapped_column(Float)
+
+
+class StagePriority(Base):
+    """An operator's priority for one stage, applied to tasks enqueued from then on."""
+
+    __tablename__ = "stage_priorities"
+
+    template: Mapped[str] = mapped_column(String(128), primary_key=True)
+    node: Mapped[str] = mapped_column(String(128), primary_key=True)
+    priority: Mapped[int] = mapped_column(Integer)
+    set_at: Mapped[float] = mapped_column(Float)
+
+
+class Workflow(Base):
+    """The jobs made from one template for one file."""
+
+    __tablename__ = "workflows"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    file_id: Mapped[int] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), index=True)
+    template_id: Mapped[int] = mapped_column(ForeignKey("templates.id"), index=True)
+    template: Mapped[str] = mapped_column(String(128), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    seen_at: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    deadline: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float)
+
+    file: Mapped[FileRecord] = relationship()
+
+
+class Job(Base):
+    """One node of a workflow, from pending to one terminal state."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_state_deadline", "state", "deadline"),
+        Index("ix_jobs_stage_state", "template", "node", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"), index=True)
+    template: Mapped[str] = mapped_column(String(128))
+    node: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16))
+    # Ready to run but over its stage's max_running; enqueued as a slot frees.
+    held: Mapped[bool] = mapped_column(Boolean, default=False)
+    queue: Mapped[str] = mapped_column(String(128))
+    priority: Mapped[int] = mapped_column(Integer)
+    deadline: Mapped[float] = mapped_column(Float)
+    wall_s: Mapped[float] = mapped_column(Float)
+    pilot_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    log: Mapped[str] = mapped_column(Text, default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    queued_at: Mapped[float | None] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float)
+
+    workflow: Mapped[Workflow] = relationship()
+
+
+class Pilot(Base):
+    """A pilot as known from its registration and heartbeats."""
+
+    __tablename__ = "pilots"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    started_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float, index=True)
+    job_id: Mapped[int | None] = mapped_column(BigInteger)
+    jobs_done: Mapped[int] = mapped_column(Integer, default=0)
+
+
+def normalise_url(url: str) -> str:
+    """Use psycopg (version 3) for PostgreSQL URLs that name no driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _sqlite_dir(url: str) -> None:
+    parsed = make_url(normalise_url(url))
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def make_engine(url: str, echo: bool = False) -> Engine:
+    """An engine for ``url``; for SQLite, WAL mode so readers never block the dispatcher."""
+    url = normalise_url(url)
+    if make_url(url).get_backend_name() == "sqlite":
+        _sqlite_dir(url)
+        engine = create_engine(url, echo=echo, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, echo=echo, pool_pre_ping=True)
+
+
+def _alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.attributes["url"] = normalise_url(url)
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Create or upgrade the schema at ``url`` to ``revision`` with Alembic."""
+    from alembic import command
+
+    _sqlite_dir(url)
+    try:
+        command.upgrade(_alembic_config(url), revision)
+    except sqlalchemy.exc.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot upgrade the database schema: {exc.orig}") from exc
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The Alembic revision the database is at, or None for an empty database."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config("sqlite://"))
+    head = script.get_current_head()
+    assert head is not None
+    return head

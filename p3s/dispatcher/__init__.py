@@ -1,0 +1,1 @@
+"""The dispatcher: see p3s/dispatcher/service.py."""

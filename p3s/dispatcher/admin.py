@@ -1,0 +1,219 @@
+"""Operators' reads and edits of the records: templates, priorities, listings.
+
+These run from the ``p3s`` command on a host with database credentials, the
+same credentials as the dispatcher's; pilots and watchers never call them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from p3s.dagengine import Template
+from p3s.db import FileRecord, Job, Pilot, StagePriority, TemplateRecord, Workflow
+from p3s.errors import NotFound, TemplateError
+
+
+def import_template(session: Session, tpl: Template) -> TemplateRecord:
+    """Store ``tpl`` as the next version of its name; running workflows keep theirs."""
+    current = session.scalar(select(func.max(TemplateRecord.version)).where(TemplateRecord.name == tpl.name))
+    record = TemplateRecord(
+        name=tpl.name,
+        version=(current or 0) + 1,
+        trigger=tpl.trigger,
+        budget_s=tpl.budget_s,
+        spec=tpl.to_dict(),
+        created_at=time.time(),
+        deleted_at=None,
+    )
+    session.add(record)
+    session.flush()
+    return record
+
+
+def find_template(session: Session, name: str, version: int | None = None) -> TemplateRecord:
+    """The newest (or the given) version of a template, deleted or not."""
+    query = select(TemplateRecord).where(TemplateRecord.name == name)
+    if version is not None:
+        query = query.where(TemplateRecord.version == version)
+    record = session.scalars(query.order_by(TemplateRecord.version.desc()).limit(1)).first()
+    if record is None:
+        raise NotFound(f"no template named {name!r}" + (f" with version {version}" if version else ""))
+    return record
+
+
+def delete_template(session: Session, name: str) -> int:
+    """Stop new workflows from ``name`` at once; its versions stay for the history."""
+    records = session.scalars(
+        select(TemplateRecord).where(TemplateRecord.name == name, TemplateRecord.deleted_at.is_(None))
+    ).all()
+    if not records:
+        raise NotFound(f"no active template named {name!r}")
+    now = time.time()
+    for record in records:
+        record.deleted_at = now
+    return len(records)
+
+
+def list_templates(session: Session, include_deleted: bool = False) -> list[dict[str, Any]]:
+    query = select(TemplateRecord).order_by(TemplateRecord.name, TemplateRecord.version)
+    rows = []
+    latest: dict[str, int] = {}
+    for r in session.scalars(query):
+        latest[r.name] = r.version
+        rows.append(r)
+    out = []
+    for r in rows:
+        if r.version != latest[r.name] and not include_deleted:
+            continue
+        if r.deleted_at is not None and not include_deleted:
+            continue
+        out.append(
+            {
+                "id": r.id,
+                "name": r.name,
+                "version": r.version,
+                "state": "deleted" if r.deleted_at else "active",
+                "trigger": r.trigger,
+                "budget_s": r.budget_s,
+                "nodes": len(r.spec.get("nodes", [])),
+            }
+        )
+    return out
+
+
+def set_priority(session: Session, template: str, node: str, priority: int) -> None:
+    """Give a stage a new priority for every task of it enqueued from now on."""
+    if not 0 <= priority <= 9:
+        raise TemplateError(f"priority must be from 0 to 9, got {priority}")
+    record = find_template(session, template)
+    tpl = Template.from_dict(record.spec)
+    tpl.node(node)  # raises, naming the node, if the stage does not exist
+    row = session.get(StagePriority, (template, node))
+    if row is None:
+        session.add(StagePriority(template=template, node=node, priority=priority, set_at=time.time()))
+    else:
+        row.priority = priority
+        row.set_at = time.time()
+
+
+def list_priorities(session: Session) -> list[dict[str, Any]]:
+    """Every stage of every active template with its effective priority."""
+    overrides = {(p.template, p.node): p for p in session.scalars(select(StagePriority))}
+    out = []
+    for entry in list_templates(session):
+        tpl = Template.from_dict(find_template(session, entry["name"]).spec)
+        for node in tpl.nodes:
+            o = overrides.get((tpl.name, node.name))
+            out.append(
+                {
+                    "template": tpl.name,
+                    "node": node.name,
+                    "priority": o.priority if o else node.priority,
+                    "template_priority": node.priority,
+                    "set_at": o.set_at if o else None,
+                }
+            )
+    return out
+
+
+def list_files(session: Session, limit: int = 100) -> list[dict[str, Any]]:
+    counts = dict(session.execute(select(Workflow.file_id, func.count()).group_by(Workflow.file_id)).tuples().all())
+    rows = session.scalars(select(FileRecord).order_by(FileRecord.id.desc()).limit(limit)).all()
+    return [
+        {
+            "id": f.id,
+            "name": f.name,
+            "path": f.path,
+            "stream": f.stream,
+            "source": f.source,
+            "decision": f.decision,
+            "state": f.decision,
+            "by_hand": f.by_hand,
+            "forced": f.forced,
+            "workflows": counts.get(f.id, 0),
+            "seen_at": f.seen_at,
+            "reason": f.reason,
+        }
+        for f in rows
+    ]
+
+
+def list_workflows(session: Session, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:
+    query = select(Workflow, FileRecord).join(FileRecord, Workflow.file_id == FileRecord.id)
+    if state:
+        query = query.where(Workflow.state == state)
+    rows = session.execute(query.order_by(Workflow.id.desc()).limit(limit)).all()
+    return [
+        {
+            "id": w.id,
+            "template": w.template,
+            "template_id": w.template_id,
+            "file": f.path,
+            "state": w.state,
+            "seen_at": w.seen_at,
+            "created_at": w.created_at,
+            "deadline": w.deadline,
+            "ended_at": w.ended_at,
+            "latency_s": (w.ended_at - w.seen_at) if w.ended_at else None,
+        }
+        for w, f in rows
+    ]
+
+
+def list_jobs(
+    session: Session, limit: int = 100, state: str | None = None, workflow_id: int | None = None
+) -> list[dict[str, Any]]:
+    query = (
+        select(Job, Workflow, FileRecord)
+        .join(Workflow, Job.workflow_id == Workflow.id)
+        .join(FileRecord, Workflow.file_id == FileRecord.id)
+    )
+    if state:
+        query = query.where(Job.state == state)
+    if workflow_id is not None:
+        query = query.where(Job.workflow_id == workflow_id)
+    rows = session.execute(query.order_by(Job.id.desc()).limit(limit)).all()
+    return [
+        {
+            "id": j.id,
+            "workflow_id": j.workflow_id,
+            "template": j.template,
+            "node": j.node,
+            "state": j.state,
+            "file": f.path,
+            "exit_code": j.exit_code,
+            "log": j.log,
+            "reason": j.reason,
+            "pilot_id": j.pilot_id,
+            "priority": j.priority,
+            "queue": j.queue,
+            "deadline": j.deadline,
+            "queued_at": j.queued_at,
+            "started_at": j.started_at,
+            "ended_at": j.ended_at,
+            "latency_s": (j.started_at - w.seen_at) if j.started_at else None,
+        }
+        for j, w, f in rows
+    ]
+
+
+def list_pilots(session: Session, limit: int = 100) -> list[dict[str, Any]]:
+    rows = session.scalars(select(Pilot).order_by(Pilot.last_seen.desc()).limit(limit)).all()
+    return [
+        {
+            "id": p.id,
+            "host": p.host,
+            "pid": p.pid,
+            "queues": p.queues,
+            "state": p.state,
+            "job_id": p.job_id,
+            "jobs_done": p.jobs_done,
+            "started_at": p.started_at,
+            "last_seen": p.last_seen,
+        }
+        for p in rows
+    ]

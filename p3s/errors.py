@@ -1,0 +1,31 @@
+"""The few exceptions p3s raises; callers never see library exceptions."""
+
+from __future__ import annotations
+
+
+class P3SError(Exception):
+    """Base of every error p3s raises on purpose."""
+
+
+class ConfigError(P3SError):
+    """The configuration file or environment holds a bad value."""
+
+
+class TemplateError(P3SError):
+    """A DAG template is malformed; the message names the node, edge or attribute."""
+
+
+class InvalidMessage(P3SError):
+    """A message body is not JSON, lacks a field, or has the wrong schema version."""
+
+
+class BrokerUnavailable(P3SError):
+    """The message broker cannot be reached or refused an operation."""
+
+
+class DatabaseUnavailable(P3SError):
+    """The database cannot be reached or its schema is not at the expected revision."""
+
+
+class NotFound(P3SError):
+    """A named object (template, node, job) does not exist."""

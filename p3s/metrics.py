@@ -1,0 +1,80 @@
+"""Every Prometheus metric p3s exports, declared once, in seconds.
+
+Latencies are computed from timestamps carried in the messages (``seen_at``,
+``enqueued_at``, ``started_at``, ``ended_at``), so the dispatcher alone can
+observe every hop of a file's journey.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from p3s.config import MetricsSettings
+
+log = logging.getLogger(__name__)
+
+# From a few milliseconds (an idle system) to the tens of minutes after which
+# a DQM plot is worthless.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
+
+FILES = Counter("p3s_files", "Files the dispatcher was told about, by decision.", ["stream", "decision"])
+JOBS = Counter("p3s_jobs", "Jobs that reached a terminal state, by state and stage.", ["template", "node", "state"])
+WORKFLOWS = Counter("p3s_workflows", "Workflows that ended, by template and state.", ["template", "state"])
+INVALID_MESSAGES = Counter(
+    "p3s_invalid_messages", "Message bodies refused and dead-lettered to p3s.invalid.", ["queue"]
+)
+TASKS_ENQUEUED = Counter("p3s_tasks_enqueued", "Tasks published to a task queue.", ["queue"])
+DISPATCHER_ERRORS = Counter(
+    "p3s_dispatcher_errors", "Batches the dispatcher could not record and handed back.", ["kind"]
+)
+
+SEEN_TO_CREATED = Histogram(
+    "p3s_seen_to_created_seconds",
+    "From the file being seen to its workflow being created and its roots enqueued.",
+    ["template"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUED_TO_STARTED = Histogram(
+    "p3s_queued_to_started_seconds",
+    "From a task being enqueued to its payload starting.",
+    ["template", "node"],
+    buckets=LATENCY_BUCKETS,
+)
+RUN_TIME = Histogram(
+    "p3s_run_seconds",
+    "From a payload starting to it ending.",
+    ["template", "node"],
+    buckets=LATENCY_BUCKETS,
+)
+SEEN_TO_DONE = Histogram(
+    "p3s_seen_to_done_seconds",
+    "From the file being seen to its workflow ending (finished or incomplete).",
+    ["template", "state"],
+    buckets=LATENCY_BUCKETS,
+)
+
+QUEUE_DEPTH = Gauge("p3s_queue_depth", "Messages ready in a p3s queue.", ["queue"])
+OLDEST_QUEUED_AGE = Gauge("p3s_oldest_queued_task_age_seconds", "Age of the oldest task still queued.")
+PILOTS = Gauge("p3s_pilots", "Pilots known to the dispatcher, by state.", ["state"])
+
+# The watcher's own.
+EVENTS_PUBLISHED = Counter("p3s_watcher_events_published", "Data events published and confirmed.", ["source"])
+WATCHER_BACKLOG = Gauge("p3s_watcher_backlog", "Data events waiting for the broker.")
+WATCHER_RESCANS = Counter("p3s_watcher_rescans", "Full rescans of a source (start-up or inotify overflow).", ["source"])
+SOURCE_SWITCHES = Counter("p3s_watcher_source_switches", "A fallback source became active or idle.", ["source", "to"])
+SOURCE_ACTIVE = Gauge("p3s_watcher_source_active", "1 while a source publishes, 0 while it stands by.", ["source"])
+
+# A pilot's own few.
+PILOT_TASKS = Counter("p3s_pilot_tasks", "Tasks this pilot took, by outcome.", ["outcome"])
+PILOT_BUSY_SECONDS = Counter("p3s_pilot_busy_seconds", "Seconds this pilot spent running payloads.")
+
+
+def serve(settings: MetricsSettings) -> int | None:
+    """Serve /metrics if a port is configured; returns the port or None."""
+    if not settings.port:
+        return None
+    start_http_server(settings.port, addr=settings.address)
+    log.info("metrics: serving on http://%s:%d/metrics", settings.address, settings.port)
+    return settings.port

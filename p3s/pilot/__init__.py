@@ -1,0 +1,1 @@
+"""The pilot: see p3s/pilot/service.py."""

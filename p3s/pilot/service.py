@@ -1,0 +1,284 @@
+"""The pilot daemon: takes one task at a time, runs it, reports, never retries.
+
+A pilot needs broker credentials only.  It acks a task the moment it takes it
+(no redelivery, and no ``consumer_timeout`` for a long job), checks the
+deadline before running anything, and sends heartbeats throughout so the
+dispatcher can tell a dead pilot from a busy one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kombu import Connection
+from kombu.message import Message
+from kombu.mixins import ConsumerMixin
+
+from p3s import broker, metrics, topology
+from p3s.broker import Outgoing, Publisher
+from p3s.config import Settings
+from p3s.errors import BrokerUnavailable, InvalidMessage
+from p3s.messages import JobReport, PilotReport, Task, encode
+from p3s.pilot.admission import refusal
+from p3s.pilot.runner import Outcome, run_payload
+from p3s.pilot.stagein import stage_in
+from p3s.states import JobState, PilotState
+
+log = logging.getLogger(__name__)
+
+OUTBOX_MAX = 10_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """When a pilot stops by itself; 0 means never."""
+
+    max_jobs: int = 0
+    idle_exit_s: float = 0.0
+    lifetime_s: float = 0.0
+
+
+def new_pilot_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Pilot(ConsumerMixin):
+    """A long-lived consumer of task queues that runs one payload at a time."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        connection: Connection,
+        queues: tuple[str, ...] | None = None,
+        limits: Limits | None = None,
+        pilot_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.connection = connection
+        self.queues = tuple(queues or settings.pilot.queues)
+        self.limits = limits or Limits(settings.pilot.max_jobs, settings.pilot.idle_exit_s, settings.pilot.lifetime_s)
+        self.id = pilot_id or new_pilot_id()
+        self.publisher = Publisher(settings.broker, exchanges=[topology.status_exchange])
+        self.should_stop = False
+        self.kill_requested = False
+        self.jobs_done = 0
+        self._born = time.monotonic()
+        self._idle_since = time.monotonic()
+        self._next_beat = 0.0
+        self._consumer: Any = None
+        self._task: Task | None = None
+        self._current: Task | None = None
+        self._outbox: deque[Outgoing] = deque(maxlen=OUTBOX_MAX)
+        self._registered = False
+
+    # -- kombu hooks --------------------------------------------------------
+
+    def get_consumers(self, Consumer: Any, channel: Any) -> list[Any]:
+        queues = [topology.task_queue(q, self.settings.broker.max_queue_length) for q in self.queues]
+        self._consumer = Consumer(queues=queues, on_message=self._on_task)
+        return [self._consumer]
+
+    def on_consume_ready(self, connection: Connection, channel: Any, consumers: Any, **kwargs: Any) -> None:
+        # One unacked task per channel, whatever the number of queues: the
+        # per-consumer default would let one task per queue wait here.
+        self._consumer.qos(prefetch_count=1, apply_global=True)
+        if not self._registered:
+            self._registered = True
+            self._report_pilot("register")
+        log.info("pilot %s: waiting for tasks on %s", self.id, ", ".join(self.queues))
+
+    def on_connection_error(self, exc: BaseException, interval: float) -> None:
+        log.warning("pilot %s: broker connection lost (%s), retrying in %.1fs", self.id, exc, interval)
+
+    def consume(
+        self, limit: int | None = None, timeout: float | None = None, safety_interval: float = 1.0, **kwargs: Any
+    ) -> Iterator[None]:
+        """ConsumerMixin's loop, running the task taken (outside the message callback)."""
+        with self.consumer_context(**kwargs) as (conn, _channel, _consumers):
+            while not self.should_stop:
+                if self._task is not None:
+                    task, self._task = self._task, None
+                    self._execute(task)
+                    if self._limits_reached():
+                        break
+                    self._consumer.consume()  # take the next one
+                    self._idle_since = time.monotonic()
+                self._beat()
+                try:
+                    conn.drain_events(timeout=min(safety_interval, self.settings.pilot.heartbeat_s))
+                except TimeoutError:
+                    conn.heartbeat_check()
+                    if self._limits_reached():
+                        break
+                yield
+        self.should_stop = True
+
+    # -- taking a task ------------------------------------------------------
+
+    def _on_task(self, message: Message) -> None:
+        # Stop deliveries before the ack opens the prefetch window, so no second
+        # task waits in this pilot's buffer, invisible to idle pilots.
+        self._consumer.cancel()
+        try:
+            task = Task.parse(message.body)
+        except InvalidMessage as exc:
+            message.ack()
+            metrics.PILOT_TASKS.labels("invalid").inc()
+            log.error("pilot %s: unreadable task dropped: %s", self.id, exc)
+            self._consumer.consume()
+            return
+        left = self._life_left()
+        if left is not None and left < task.wall_s:
+            # Hand it back untouched for a pilot with time to finish it, and retire.
+            message.requeue()
+            log.info(
+                "pilot %s: %.0fs of life left, less than job %s's wall limit of %.0fs; stopping",
+                self.id,
+                left,
+                task.job_id,
+                task.wall_s,
+            )
+            self.should_stop = True
+            return
+        message.ack()
+        self._task = task
+
+    def _life_left(self) -> float | None:
+        if not self.limits.lifetime_s:
+            return None
+        return self.limits.lifetime_s - (time.monotonic() - self._born)
+
+    def _limits_reached(self) -> bool:
+        lim = self.limits
+        if lim.max_jobs and self.jobs_done >= lim.max_jobs:
+            log.info("pilot %s: ran %d job(s), its maximum; stopping", self.id, self.jobs_done)
+            return True
+        if lim.idle_exit_s and time.monotonic() - self._idle_since >= lim.idle_exit_s:
+            log.info("pilot %s: idle for %.0fs; stopping", self.id, lim.idle_exit_s)
+            return True
+        left = self._life_left()
+        if left is not None and left <= 0:
+            log.info("pilot %s: lifetime of %.0fs reached; stopping", self.id, lim.lifetime_s)
+            return True
+        return False
+
+    # -- running it -----------------------------------------------------------
+
+    def _execute(self, task: Task) -> None:
+        now = time.time()
+        reason = refusal(task, now)
+        if reason is not None:
+            metrics.PILOT_TASKS.labels(reason).inc()
+            log.info(
+                "job %s: refused (%s), %.1fs left, expected %.1fs",
+                task.job_id,
+                reason,
+                task.deadline - now,
+                task.expected_s,
+            )
+            self._report_job(task, JobReport(task.job_id, JobState.EXPIRED, self.id, reason=reason, ended_at=now))
+            self.jobs_done += 1
+            return
+        self._current = task
+        self._report_pilot("heartbeat")
+        log.info("job %s: running %s/%s", task.job_id, task.template, task.node)
+        outcome = run_payload(
+            task,
+            work_root=self.settings.pilot.work_root or None,
+            log_root=self.settings.log_path,
+            on_start=lambda t: self._report_job(
+                task, JobReport(task.job_id, JobState.RUNNING, self.id, started_at=t, log=str(self._log_of(task)))
+            ),
+            between_slices=self._beat,
+            kill_requested=lambda: self.kill_requested,
+            kill_grace_s=self.settings.pilot.kill_grace_s,
+            slice_s=min(1.0, self.settings.pilot.heartbeat_s),
+            stage_in=stage_in,
+        )
+        self._current = None
+        self.jobs_done += 1
+        self._report_outcome(task, outcome)
+
+    def _log_of(self, task: Task) -> Path:
+        from p3s.pilot.runner import log_path
+
+        return log_path(self.settings.log_path, task)
+
+    def _report_outcome(self, task: Task, outcome: Outcome) -> None:
+        metrics.PILOT_TASKS.labels(outcome.state).inc()
+        if outcome.started_at is not None:
+            metrics.PILOT_BUSY_SECONDS.inc(outcome.ended_at - outcome.started_at)
+        log.info(
+            "job %s: %s, exit code %s%s",
+            task.job_id,
+            outcome.state,
+            outcome.exit_code,
+            f" ({outcome.reason})" if outcome.reason else "",
+        )
+        self._report_job(
+            task,
+            JobReport(
+                task.job_id,
+                outcome.state,
+                self.id,
+                exit_code=outcome.exit_code,
+                log=outcome.log,
+                reason=outcome.reason,
+                started_at=outcome.started_at,
+                ended_at=outcome.ended_at,
+            ),
+        )
+
+    # -- reporting ------------------------------------------------------------
+
+    def _report_job(self, task: Task, report: JobReport) -> None:
+        self._send(Outgoing(topology.status_exchange, topology.status_routing_key("job", report.state), encode(report)))
+
+    def _report_pilot(self, event: str) -> None:
+        state = PilotState.BUSY if self._current is not None else PilotState.IDLE
+        report = PilotReport(
+            pilot_id=self.id,
+            event=event,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=list(self.queues),
+            state=state,
+            job_id=self._current.job_id if self._current else None,
+            jobs_done=self.jobs_done,
+        )
+        self._send(Outgoing(topology.status_exchange, topology.status_routing_key("pilot", event), encode(report)))
+        self._next_beat = time.monotonic() + self.settings.pilot.heartbeat_s
+
+    def _beat(self) -> None:
+        """Between slices and while idle: heartbeat when due, keep connections alive, retry the outbox."""
+        if time.monotonic() >= self._next_beat:
+            self._report_pilot("heartbeat")
+        self.publisher.heartbeat_check()
+        try:
+            self.connection.heartbeat_check()
+        except broker.CONNECTION_ERRORS:
+            log.debug("pilot %s: consumer connection heartbeat failed", self.id, exc_info=True)
+
+    def _send(self, message: Outgoing) -> None:
+        """Publish a report, or keep it (bounded) until the broker is back."""
+        self._outbox.append(message)
+        try:
+            self.publisher.publish(list(self._outbox))
+        except BrokerUnavailable as exc:
+            log.warning("pilot %s: %d report(s) kept until the broker is back: %s", self.id, len(self._outbox), exc)
+            return
+        self._outbox.clear()
+
+    def close(self) -> None:
+        """Say goodbye (best effort) and close connections."""
+        self._report_pilot("stop")
+        self.publisher.close()

@@ -1,0 +1,1 @@
+"""The watcher: see p3s/watcher/service.py."""
