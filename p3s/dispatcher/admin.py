@@ -121,7 +121,7 @@ def list_priorities(session: Session) -> list[dict[str, Any]]:
 
 
 def list_files(session: Session, limit: int = 100) -> list[dict[str, Any]]:
-    counts = dict(session.execute(select(Workflow.file_id, func.count()).group_by(Workflow.file_id)).tuples().all())
+    counts = dict(session.execute(select(Workflow.file_id, func.count()).group_by(Workflow.file_id)).all())
     rows = session.scalars(select(FileRecord).order_by(FileRecord.id.desc()).limit(limit)).all()
     return [
         {

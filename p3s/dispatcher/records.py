@@ -42,16 +42,17 @@ class Catalogue:
     by_id: dict[int, Template] = field(default_factory=dict)
 
 
-_SNAPSHOTS: dict[int, Template] = {}
+_SNAPSHOTS: dict[tuple[str, int], Template] = {}
 
 
 def snapshot(session: Session, template_id: int) -> Template:
     """The template version a workflow was made from; versions never change, so cache them."""
-    tpl = _SNAPSHOTS.get(template_id)
+    key = (str(session.get_bind().url), template_id)
+    tpl = _SNAPSHOTS.get(key)
     if tpl is None:
         record = session.get(TemplateRecord, template_id)
         assert record is not None, f"template {template_id} vanished"
-        tpl = _SNAPSHOTS[template_id] = Template.from_dict(record.spec)
+        tpl = _SNAPSHOTS[key] = Template.from_dict(record.spec)
     return tpl
 
 

@@ -1,0 +1,107 @@
+"""Fixtures shared by every tier.
+
+Integration fixtures give each test its own RabbitMQ vhost and its own
+PostgreSQL database, so tests never see each other's messages or rows.  A
+missing server skips the test on a laptop and fails it in CI (``CI=true``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pytest
+
+CI = os.environ.get("CI", "").lower() == "true"
+RABBITMQ_HOST = os.environ.get("P3S_TEST_RABBITMQ_HOST", "127.0.0.1")
+RABBITMQ_PORT = int(os.environ.get("P3S_TEST_RABBITMQ_PORT", "5672"))
+PG_ADMIN_URL = os.environ.get("P3S_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def unavailable(what: str, why: str) -> None:
+    """Skip, or fail in CI, where a server an integration test needs is missing."""
+    message = f"{what} unavailable: {why}"
+    if CI:
+        pytest.fail(message + " (CI=true: integration tests never skip)", pytrace=False)
+    pytest.skip(message)
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def rabbitmqctl(*args: str, node: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = ["rabbitmqctl", *(["-n", node] if node else []), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_available() -> None:
+    if not _port_open(RABBITMQ_HOST, RABBITMQ_PORT):
+        unavailable("RabbitMQ", f"nothing listens on {RABBITMQ_HOST}:{RABBITMQ_PORT}")
+    if shutil.which("rabbitmqctl") is None:
+        unavailable("RabbitMQ", "rabbitmqctl is not installed (needed to make a vhost per test)")
+
+
+@pytest.fixture
+def broker_url(rabbitmq_available: None) -> Iterator[str]:
+    """A fresh vhost on the real RabbitMQ, deleted afterwards."""
+    vhost = f"p3s-test-{uuid.uuid4().hex[:10]}"
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{quote(vhost, safe='')}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="session")
+def postgres_available() -> None:
+    try:
+        import psycopg
+    except ImportError:
+        unavailable("PostgreSQL", "psycopg is not installed (pip install -e '.[test]')")
+    try:
+        psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        unavailable("PostgreSQL", f"cannot connect to {PG_ADMIN_URL}: {exc}")
+
+
+@pytest.fixture
+def database_url(postgres_available: None) -> Iterator[str]:
+    """A fresh PostgreSQL database, dropped afterwards."""
+    import psycopg
+
+    name = f"p3s_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memory_broker() -> Iterator[None]:
+    """kombu's in-process broker is global to the process: empty it around each test."""
+    from kombu.transport import memory
+
+    def clear() -> None:
+        memory.Channel.queues.clear()
+        memory.Channel.events.clear()
+        memory.Transport.global_state.clear()
+
+    clear()
+    yield
+    clear()
