@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import amqp.exceptions
+import kombu.exceptions
 from kombu import Connection, Exchange, Producer, Queue
 
 from p3s.config import BrokerSettings
@@ -70,14 +71,26 @@ def supports_dead_letters(connection: Connection) -> bool:
 
 
 def queue_depth(connection: Connection, queue: Queue) -> int:
-    """Messages ready in ``queue`` right now (0 if it does not exist)."""
+    """Messages ready in ``queue`` right now (0 if it does not exist).
+
+    Asked on a channel of its own: a passive declare of a missing queue closes
+    its channel, and that must never be a consumer's.
+    """
     try:
-        _name, count, _consumers = queue(connection.default_channel).queue_declare(passive=True)
-    except amqp.exceptions.NotFound:
-        connection.close()  # the failed passive declare closed the channel
+        channel = connection.channel()
+    except CONNECTION_ERRORS as exc:
+        raise BrokerUnavailable(f"cannot read the depth of {queue.name}: {exc}") from exc
+    try:
+        _name, count, _consumers = queue(channel).queue_declare(passive=True)
+    except (amqp.exceptions.NotFound, kombu.exceptions.ChannelError):
         return 0
     except CONNECTION_ERRORS as exc:
         raise BrokerUnavailable(f"cannot read the depth of {queue.name}: {exc}") from exc
+    finally:
+        try:
+            channel.close()
+        except CONNECTION_ERRORS:
+            log.debug("queue depth: channel already closed")
     return int(count)
 
 

@@ -242,6 +242,26 @@ def cmd_pilots(args: argparse.Namespace) -> int:
     return emit(args, rows, ["id", "state", "host", "queues", "job_id", "jobs_done", "last_seen"])
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from p3s.dispatcher.audit import run_audit
+
+    settings = settings_of(args)
+    grace = args.grace if args.grace is not None else settings.dispatcher.audit_grace_s
+    with session_of(args) as s:
+        report = run_audit(s, time.time(), grace)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_table(report.streams, ["stream", "seen", "accepted", "sampled_out", "duplicate", "shed"])
+        print()
+        print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(report.jobs.items())) or "none"))
+        print()
+        for problem in report.problems:
+            print(f"PROBLEM {problem}")
+        print("audit: " + ("the books balance" if report.ok else f"{len(report.problems)} problem(s)"))
+    return EXIT_OK if report.ok else EXIT_FAILURE
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from p3s import topology
     from p3s.broker import Publisher
@@ -471,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = _listing(sub, "jobs", cmd_jobs, "jobs", state=True)
     jobs.add_argument("--workflow", type=int, default=None, help="only the jobs of this workflow")
     _listing(sub, "pilots", cmd_pilots, "pilots")
+
+    q = sub.add_parser("audit", help="prove every file and job is accounted for; exit 1 if not")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--grace", type=float, default=None, help="seconds past a deadline before an active job is stale")
+    q.set_defaults(func=cmd_audit)
 
     q = sub.add_parser("submit", help="publish data events for existing files")
     q.add_argument("paths", nargs="+")

@@ -130,6 +130,13 @@ class DispatcherSettings:
     heartbeat_timeout_s: float = 60.0
     # Extra time after a deadline before `p3s audit` calls an active job stale.
     audit_grace_s: float = 60.0
+    # Shed new files (decision `shed`) while a task queue holds this many tasks
+    # or its oldest task has waited this long; 0 turns a limit off.
+    shed_queue_depth: int = 0
+    shed_queue_age_s: float = 0.0
+    # Run-time statistics used as a stage's expected run time when its node
+    # gives no expected_s: the p95 of this many recent finished jobs.
+    expected_sample: int = 50
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,17 @@ def make_settings(tmp_path: Path, broker_url: str = "", database_url: str = "", 
     return load_settings(None, environ)
 
 
+def env_for(settings: Settings) -> dict[str, str]:
+    """The P3S_* variables that give a subprocess the same broker, database and directories."""
+    return {
+        "P3S_BROKER_URL": settings.broker.url,
+        "P3S_DATABASE_URL": settings.database.url,
+        "P3S_STATE_DIR": settings.state_dir,
+        "P3S_PILOT_WORK_ROOT": settings.pilot.work_root,
+        "P3S_PILOT_HEARTBEAT_S": str(settings.pilot.heartbeat_s),
+    }
+
+
 def graphml(nodes: Mapping[str, Mapping[str, Any]], edges: list[tuple[str, str]] = (),  # type: ignore[assignment]
             trigger: str = "*", budget_s: float = 120, name: str = "probe") -> str:
     """A GraphML template: every attribute declared as a string, as a hand-written file may."""
@@ -96,6 +107,11 @@ class Stack:
 
     def pilots(self) -> list[dict[str, Any]]:
         return self.query(admin.list_pilots, limit=100000)
+
+    def audit(self, grace_s: float = 60.0) -> Any:
+        from p3s.dispatcher.audit import run_audit
+
+        return self.query(run_audit, time.time(), grace_s)
 
     def stop(self) -> None:
         if self.started:

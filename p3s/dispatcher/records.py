@@ -87,8 +87,31 @@ def _outdir(settings: Settings, workflow_id: int, node: str) -> str:
     return str(settings.output_path / str(workflow_id) / node)
 
 
-def _make_task(ctx: Context, cat: Catalogue, tpl: Template, wf: Workflow, job: Job, file: FileRecord) -> Task:
+_EXPECTED: dict[tuple[str, str, str], tuple[float, float]] = {}
+EXPECTED_REFRESH_S = 30.0
+
+
+def expected_run_time(session: Session, ctx: Context, template: str, node: str) -> float:
+    """The p95 run time of a stage's recent finished jobs (0 with fewer than 5), cached a while.
+
+    Used when a node gives no ``expected_s``, so pilots can refuse a task that
+    could no longer finish before its deadline.
+    """
+    key = (str(session.get_bind().url), template, node)
+    cached = _EXPECTED.get(key)
+    if cached is not None and ctx.now - cached[1] < EXPECTED_REFRESH_S:
+        return cached[0]
+    times = sorted(stage_run_times(session, template, node, ctx.settings.dispatcher.expected_sample))
+    p95 = times[min(len(times) - 1, int(0.95 * len(times)))] if len(times) >= 5 else 0.0
+    _EXPECTED[key] = (p95, ctx.now)
+    return p95
+
+
+def _make_task(
+    session: Session, ctx: Context, cat: Catalogue, tpl: Template, wf: Workflow, job: Job, file: FileRecord
+) -> Task:
     node = tpl.node(job.node)
+    expected = node.expected_s if node.expected_s is not None else expected_run_time(session, ctx, tpl.name, node.name)
     priority = cat.priorities.get((tpl.name, node.name), node.priority)
     return Task(
         job_id=job.id,
@@ -111,7 +134,7 @@ def _make_task(ctx: Context, cat: Catalogue, tpl: Template, wf: Workflow, job: J
         deadline=job.deadline,
         seen_at=wf.seen_at,
         enqueued_at=ctx.now,
-        expected_s=node.expected_s or 0.0,
+        expected_s=expected,
         stage_in=node.stage_in,
     )
 
@@ -250,7 +273,7 @@ def record_events(session: Session, events: Sequence[DataEvent], ctx: Context) -
             node = tpl.node(job.node)
             if _slots(session, tpl, job.node, node.max_running, taken):
                 _enqueue(job, ctx, cat.priorities.get((tpl.name, node.name), node.priority))
-                tasks.append(_make_task(ctx, cat, tpl, wf, job, file))
+                tasks.append(_make_task(session, ctx, cat, tpl, wf, job, file))
             else:
                 job.held = True
         metrics.SEEN_TO_CREATED.labels(tpl.name).observe(max(0.0, ctx.now - wf.seen_at))
@@ -295,7 +318,7 @@ def advance(session: Session, wf: Workflow, ctx: Context, cat: Catalogue | None 
                 return tasks
             if _slots(session, tpl, node_name, node.max_running, taken):
                 _enqueue(job, ctx, cat.priorities.get((tpl.name, node_name), node.priority))
-                tasks.append(_make_task(ctx, cat, tpl, wf, job, file))
+                tasks.append(_make_task(session, ctx, cat, tpl, wf, job, file))
             else:
                 job.held = True
     states = {n: JobState(j.state) for n, j in jobs.items()}
@@ -474,7 +497,7 @@ def release_held(session: Session, ctx: Context) -> list[Task]:
         file = session.get(FileRecord, wf.file_id)
         assert file is not None
         _enqueue(job, ctx, cat.priorities.get((tpl.name, node.name), node.priority))
-        tasks.append(_make_task(ctx, cat, tpl, wf, job, file))
+        tasks.append(_make_task(session, ctx, cat, tpl, wf, job, file))
     return tasks
 
 

@@ -197,11 +197,16 @@ class Dispatcher(ConsumerMixin):
     @staticmethod
     def _apply_reports(session: Session, reports: list[JobReport | PilotReport], ctx: records.Context) -> list[Task]:
         tasks: list[Task] = []
+        ended = False
         for report in reports:
             if isinstance(report, PilotReport):
                 records.apply_pilot_report(session, report, ctx)
             else:
                 tasks.extend(records.apply_job_report(session, report, ctx))
+                ended = ended or JobState(report.state).terminal
+        if ended:
+            # A job that ended may have freed a slot of a stage with max_running.
+            tasks.extend(records.release_held(session, ctx))
         return tasks
 
     def _record(self, messages: list[Message], work: Callable[[Session, records.Context], list[Task]]) -> None:
@@ -279,12 +284,32 @@ class Dispatcher(ConsumerMixin):
             log.error("dispatcher: reaper could not run: %s", exc)
 
     def _refresh_gauges(self, now: float) -> None:
+        """Queue depths, pilots and the oldest queued task; and whether to shed new files."""
         with Session(self.engine) as session:
             for state in PilotState:
                 count = session.scalar(select(func.count()).select_from(Pilot).where(Pilot.state == state))
                 metrics.PILOTS.labels(state).set(count or 0)
             oldest = session.scalar(select(func.min(Job.queued_at)).where(Job.state == JobState.QUEUED))
-            metrics.OLDEST_QUEUED_AGE.set(max(0.0, now - oldest) if oldest else 0.0)
+        age = max(0.0, now - oldest) if oldest else 0.0
+        metrics.OLDEST_QUEUED_AGE.set(age)
+        deepest = 0
+        for name in sorted(self._declared):
+            queue = topology.task_queue(name, self.settings.broker.max_queue_length)
+            try:
+                depth = broker.queue_depth(self.connection, queue)
+            except BrokerUnavailable:
+                return
+            metrics.QUEUE_DEPTH.labels(queue.name).set(depth)
+            deepest = max(deepest, depth)
+        limits = self.settings.dispatcher
+        overloaded = bool(
+            (limits.shed_queue_depth and deepest >= limits.shed_queue_depth)
+            or (limits.shed_queue_age_s and age >= limits.shed_queue_age_s)
+        )
+        if overloaded != self.overloaded:
+            log.warning("dispatcher: %s shedding new files (deepest task queue %d, oldest task %.1fs)",
+                        "start" if overloaded else "stop", deepest, age)
+        self.overloaded = overloaded
 
     def _reload(self) -> None:
         if self._reload_settings is None:

@@ -20,6 +20,7 @@ parser.add_argument("--exit", type=int, default=0)
 parser.add_argument("--sleep", type=float, default=0.0)
 parser.add_argument("--grandchild", action="store_true")
 parser.add_argument("--read", help="a file to read and count the bytes of")
+parser.add_argument("--parents", action="store_true", help="the rest are parent output dirs: read their records")
 parser.add_argument("rest", nargs="*")
 args = parser.parse_args()
 record = {
@@ -34,6 +35,11 @@ record = {
 if args.read:
     with open(args.read, "rb") as fh:
         record["read_bytes"] = len(fh.read())
+if args.parents:
+    record["parents"] = {}
+    for directory in args.rest:
+        with open(os.path.join(directory, "probe.json")) as fh:
+            record["parents"][directory] = json.load(fh)["pid"]
 if args.grandchild:
     child = subprocess.Popen(["sleep", "1000"])
     record["grandchild"] = child.pid
