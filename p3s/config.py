@@ -127,6 +127,9 @@ class DispatcherSettings:
 
     batch_size: int = 500
     reap_interval_s: float = 2.0
+    # A queued job is expired by the reaper this long after its deadline: RabbitMQ's
+    # TTL and the pilot's own check usually act first, with better reasons.
+    reap_grace_s: float = 2.0
     heartbeat_timeout_s: float = 60.0
     # Extra time after a deadline before `p3s audit` calls an active job stale.
     audit_grace_s: float = 60.0

@@ -108,6 +108,9 @@ class Stack:
     def pilots(self) -> list[dict[str, Any]]:
         return self.query(admin.list_pilots, limit=100000)
 
+    def pilots_by_id(self) -> dict[str, dict[str, Any]]:
+        return {p["id"]: p for p in self.pilots()}
+
     def audit(self, grace_s: float = 60.0) -> Any:
         from p3s.dispatcher.audit import run_audit
 

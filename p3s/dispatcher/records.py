@@ -445,10 +445,11 @@ def expire_task(session: Session, task: Task, reason: str, ctx: Context) -> list
     return tasks
 
 
-def reap(session: Session, ctx: Context, grace_s: float = 1.0) -> list[Task]:
+def reap(session: Session, ctx: Context) -> list[Task]:
     """Expire jobs past their deadline, declare silent pilots lost, fill freed stage slots."""
     tasks: list[Task] = []
     settings = ctx.settings
+    grace_s = settings.dispatcher.reap_grace_s
     late = session.scalars(
         select(Job.id)
         .where(Job.state.in_([JobState.PENDING, JobState.QUEUED]), Job.deadline < ctx.now - grace_s)

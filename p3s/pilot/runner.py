@@ -8,6 +8,8 @@ payload started outlives it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
@@ -37,6 +39,27 @@ class Outcome:
     ended_at: float
     log: str
     reason: str = ""
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_pilot() -> Callable[[], None] | None:
+    """A preexec hook asking the kernel to SIGKILL the payload if its pilot dies.
+
+    Without it a pilot killed by SIGKILL (or the OOM killer) leaves its
+    payload running on the node, unseen, while the dispatcher calls the job lost.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    prctl = libc.prctl
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return hook
 
 
 def killpg(pgid: int, sig: int) -> bool:
@@ -140,6 +163,7 @@ def run_payload(
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # its own process group, so killpg reaches grandchildren
+                    preexec_fn=_die_with_pilot(),
                 )
             except OSError as exc:
                 out.write(f"p3s: cannot start {argv[0]!r}: {exc.strerror}\n".encode())

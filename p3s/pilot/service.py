@@ -84,13 +84,14 @@ class Pilot(ConsumerMixin):
 
     def get_consumers(self, Consumer: Any, channel: Any) -> list[Any]:
         queues = [topology.task_queue(q, self.settings.broker.max_queue_length) for q in self.queues]
+        # One unacked task per channel, whatever the number of queues, set before
+        # consuming starts: a per-consumer limit would let one task per queue
+        # wait here, and a limit set after basic.consume lets a burst through.
+        channel.basic_qos(0, 1, True)
         self._consumer = Consumer(queues=queues, on_message=self._on_task)
         return [self._consumer]
 
     def on_consume_ready(self, connection: Connection, channel: Any, consumers: Any, **kwargs: Any) -> None:
-        # One unacked task per channel, whatever the number of queues: the
-        # per-consumer default would let one task per queue wait here.
-        self._consumer.qos(prefetch_count=1, apply_global=True)
         if not self._registered:
             self._registered = True
             self._report_pilot("register")
@@ -125,6 +126,10 @@ class Pilot(ConsumerMixin):
     # -- taking a task ------------------------------------------------------
 
     def _on_task(self, message: Message) -> None:
+        if self._task is not None:
+            # Cannot happen with a prefetch of one; if it does, the task goes back untouched.
+            message.requeue()
+            return
         # Stop deliveries before the ack opens the prefetch window, so no second
         # task waits in this pilot's buffer, invisible to idle pilots.
         self._consumer.cancel()

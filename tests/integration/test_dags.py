@@ -103,7 +103,9 @@ def test_diamond_on_two_pilots(two_pilots: tuple[Stack, Path]) -> None:
 
 def test_raised_priority_overtakes_earlier_tasks(one_pilot: tuple[Stack, Path]) -> None:
     stack, watch = one_pilot
-    stack.import_template(graphml({"block": {"command": probe_command("--sleep", "3")}}, trigger="block*"), "block")
+    release = watch.parent / "release-the-pilot"
+    stack.import_template(graphml({"block": {"command": probe_command("--until", str(release))}}, trigger="block*"),
+                          "block")
     stack.import_template(graphml({"scan": {"command": probe_command(), "priority": "3"}}, trigger="low*"), "low")
     stack.import_template(graphml({"plots": {"command": probe_command(), "priority": "1"}}, trigger="high*"), "high")
     (watch / "block.dat").write_bytes(b"x")
@@ -117,6 +119,7 @@ def test_raised_priority_overtakes_earlier_tasks(one_pilot: tuple[Stack, Path]) 
     assert '"priority": 9' in listed
     (watch / "high0.dat").write_bytes(b"x")
     wait_for(lambda: sum(j["state"] == "queued" for j in stack.jobs()) == 4, what="the high task queued")
+    release.touch()
     jobs = wait_for(lambda: terminal_jobs(stack, 5), timeout=60, what="all five jobs")
     by_node = {}
     for j in jobs:

@@ -19,6 +19,7 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--exit", type=int, default=0)
 parser.add_argument("--sleep", type=float, default=0.0)
 parser.add_argument("--grandchild", action="store_true")
+parser.add_argument("--until", help="hold on until this file exists (at most 60 s)")
 parser.add_argument("--read", help="a file to read and count the bytes of")
 parser.add_argument("--parents", action="store_true", help="the rest are parent output dirs: read their records")
 parser.add_argument("rest", nargs="*")
@@ -49,5 +50,9 @@ with open(os.path.join(args.out, "probe.json"), "w") as fh:
 print("probe: started", flush=True)
 if args.sleep:
     time.sleep(args.sleep)
+if args.until:
+    end = time.time() + 60
+    while not os.path.exists(args.until) and time.time() < end:
+        time.sleep(0.05)
 print("probe: exiting with", args.exit, flush=True)
 sys.exit(args.exit)
