@@ -115,9 +115,19 @@ class Publisher:
     only when the broker has confirmed every message of the batch.
     """
 
-    def __init__(self, settings: BrokerSettings, exchanges: Iterable[Exchange] = (), confirm_timeout: float = 30.0):
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        exchanges: Iterable[Exchange] = (),
+        queues: Iterable[Queue] = (),
+        confirm_timeout: float = 30.0,
+    ):
         self._settings = settings
         self._exchanges = tuple(exchanges)
+        # Declared with their bindings on every (re)connection, so what is
+        # published before its consumer ever ran waits in its queue instead of
+        # being dropped as unroutable.
+        self._queues = tuple(queues)
         self._confirm_timeout = confirm_timeout
         self._conn: Connection | None = None
         self._channel: Any = None
@@ -132,6 +142,10 @@ class Publisher:
         channel = conn.channel()
         for exchange in self._exchanges:
             exchange(channel).declare()
+        for queue in self._queues:
+            bound = queue(channel)
+            bound.exchange.declare()
+            bound.declare()
         self._confirms = supports_dead_letters(conn)
         if self._confirms:
             channel.confirm_select()

@@ -295,7 +295,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 template=args.template or "",
             )
         )
-    publisher = Publisher(settings.broker, exchanges=[topology.events_exchange])
+    publisher = Publisher(
+        settings.broker, exchanges=[topology.events_exchange], queues=[topology.invalid_queue, topology.events_queue]
+    )
     try:
         publisher.publish(event_message(e) for e in events)
     finally:

@@ -12,7 +12,7 @@ import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import quote
 
 import pytest
@@ -77,19 +77,32 @@ def postgres_available() -> None:
 
 
 @pytest.fixture
-def database_url(postgres_available: None) -> Iterator[str]:
-    """A fresh PostgreSQL database, dropped afterwards."""
+def new_database(postgres_available: None) -> Iterator[Callable[[], str]]:
+    """Makes fresh PostgreSQL databases on demand; drops them all afterwards."""
     import psycopg
 
-    name = f"p3s_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    names: list[str] = []
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
+
+    def make() -> str:
+        name = f"p3s_test_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        names.append(name)
+        return f"{base}/{name}"
+
     try:
-        yield f"{base}/{name}"
+        yield make
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            for name in names:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(new_database: Callable[[], str]) -> str:
+    """A fresh PostgreSQL database, dropped afterwards."""
+    return new_database()
 
 
 @pytest.fixture(autouse=True)

@@ -94,15 +94,19 @@ class Dispatcher(ConsumerMixin):
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
         log.warning("dispatcher: broker connection lost (%s), retrying in %.1fs", exc, interval)
 
-    def on_consume_ready(self, connection: Connection, channel: Any, consumers: Any, **kwargs: Any) -> None:
-        # Messages buffered on a channel that died can no longer be acked;
-        # RabbitMQ redelivers them and recording is idempotent.
+    def on_connection_revived(self) -> None:
+        # Messages buffered from a channel that died can no longer be acked:
+        # RabbitMQ redelivers them, and recording is idempotent.  Cleared here,
+        # before consuming starts, because deliveries may arrive as soon as the
+        # consumers exist, even while the topology below is being declared.
         self._events.clear()
         self._status.clear()
         self._expired.clear()
-        self._dead_letters = broker.supports_dead_letters(connection)
-        topology.declare_all(connection, self.settings.pilot.queues, self.settings.broker.max_queue_length)
+        self._dead_letters = broker.supports_dead_letters(self.connection)
+        topology.declare_all(self.connection, self.settings.pilot.queues, self.settings.broker.max_queue_length)
         self._declared = set(self.settings.pilot.queues)
+
+    def on_consume_ready(self, connection: Connection, channel: Any, consumers: Any, **kwargs: Any) -> None:
         log.info("dispatcher: consuming on %s", connection.as_uri())
 
     def consume(

@@ -67,7 +67,11 @@ class Pilot(ConsumerMixin):
         self.queues = tuple(queues or settings.pilot.queues)
         self.limits = limits or Limits(settings.pilot.max_jobs, settings.pilot.idle_exit_s, settings.pilot.lifetime_s)
         self.id = pilot_id or new_pilot_id()
-        self.publisher = Publisher(settings.broker, exchanges=[topology.status_exchange])
+        self.publisher = Publisher(
+            settings.broker,
+            exchanges=[topology.status_exchange],
+            queues=[topology.invalid_queue, topology.status_queue],
+        )
         self.should_stop = False
         self.kill_requested = False
         self.jobs_done = 0

@@ -38,7 +38,11 @@ class Watcher:
         self.sources_settings = tuple(sources if sources is not None else settings.sources)
         if not self.sources_settings:
             raise ValueError("no sources configured")
-        self.publisher = Publisher(settings.broker, exchanges=[topology.events_exchange])
+        self.publisher = Publisher(
+            settings.broker,
+            exchanges=[topology.events_exchange],
+            queues=[topology.invalid_queue, topology.events_queue],
+        )
         self.backlog: deque[DataEvent] = deque()
         self.should_stop = False
         self._retry_at = 0.0

@@ -1,0 +1,181 @@
+"""The dispatcher's records on SQLite, without a broker: decisions, versions, idempotent reports, audit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from p3s import db
+from p3s.dagengine import parse_graphml
+from p3s.dispatcher import admin, records
+from p3s.dispatcher.audit import run_audit
+from p3s.dispatcher.sampling import keep
+from p3s.errors import NotFound
+from p3s.messages import DataEvent, JobReport
+from p3s.states import JobState
+from tests.stack import graphml, make_settings
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator:
+    url = f"sqlite:///{tmp_path / 'p3s.db'}"
+    db.upgrade(url)
+    eng = db.make_engine(url)
+    yield eng
+    eng.dispose()
+
+
+def ctx(tmp_path: Path, **env: str) -> records.Context:
+    return records.Context(make_settings(tmp_path, **env))
+
+
+def event(name: str, **kw: object) -> DataEvent:
+    return DataEvent(name=name, path=f"/data/{name}", stream=str(kw.pop("stream", "raw")), seen_at=time.time(),
+                     **kw)  # type: ignore[arg-type]
+
+
+def add_template(engine, text: str, name: str) -> None:
+    with Session(engine) as s, s.begin():
+        admin.import_template(s, parse_graphml(text, name=name))
+
+
+def record(engine, events: list[DataEvent], c: records.Context) -> list:
+    with Session(engine) as s, s.begin():
+        return records.record_events(s, events, c)
+
+
+def report(engine, job_id: int, state: JobState, c: records.Context, **kw: object) -> list:
+    with Session(engine) as s, s.begin():
+        return records.apply_job_report(s, JobReport(job_id, state, "pilot-1", **kw), c)  # type: ignore[arg-type]
+
+
+def jobs(engine) -> dict[str, dict]:
+    with Session(engine) as s:
+        return {j["node"]: j for j in admin.list_jobs(s, limit=1000)}
+
+
+DIAMOND = graphml(
+    {"a": {"command": "true"}, "b": {"command": "true"}, "c": {"command": "true"}, "d": {"command": "true"}},
+    edges=[("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")],
+)
+
+
+def test_each_matching_template_makes_its_own_workflow(engine, tmp_path: Path) -> None:
+    add_template(engine, graphml({"m": {"command": "true"}}, trigger="*.hdf5"), "monitor")
+    add_template(engine, graphml({"p": {"command": "true"}}, trigger="np04_*"), "purity")
+    add_template(engine, graphml({"x": {"command": "true"}}, trigger="*.root"), "other")
+    tasks = record(engine, [event("np04_run1.hdf5")], ctx(tmp_path))
+    assert sorted(t.template for t in tasks) == ["monitor", "purity"]
+    assert len({t.workflow_id for t in tasks}) == 2
+
+
+def test_deleted_template_stops_new_workflows_and_keeps_history(engine, tmp_path: Path) -> None:
+    add_template(engine, graphml({"m": {"command": "true"}}), "monitor")
+    assert len(record(engine, [event("f1")], ctx(tmp_path))) == 1
+    with Session(engine) as s, s.begin():
+        admin.delete_template(s, "monitor")
+    assert record(engine, [event("f2")], ctx(tmp_path)) == []
+    with Session(engine) as s:
+        assert [w["template"] for w in admin.list_workflows(s)] == ["monitor"]
+        assert admin.list_templates(s) == []
+        assert [t["state"] for t in admin.list_templates(s, include_deleted=True)] == ["deleted"]
+        with pytest.raises(NotFound):
+            admin.delete_template(s, "monitor")
+
+
+def test_running_workflows_keep_their_template_version(engine, tmp_path: Path) -> None:
+    c = ctx(tmp_path)
+    add_template(engine, graphml({"a": {"command": "true"}, "b": {"command": "echo v1"}}, edges=[("a", "b")]), "t")
+    (first,) = record(engine, [event("f1")], c)
+    add_template(engine, graphml({"a": {"command": "true"}, "b": {"command": "echo v2"}}, edges=[("a", "b")]), "t")
+    (child,) = report(engine, first.job_id, JobState.FINISHED, c, ended_at=time.time())
+    assert child.argv == ["echo", "v1"], "a workflow made from version 1 runs version 1 to its end"
+    (second,) = record(engine, [event("f2")], c)
+    (child2,) = report(engine, second.job_id, JobState.FINISHED, c, ended_at=time.time())
+    assert child2.argv == ["echo", "v2"]
+
+
+def test_decisions_duplicate_sampled_out_and_forced(engine, tmp_path: Path) -> None:
+    add_template(engine, graphml({"m": {"command": "true"}}), "monitor")
+    c = ctx(tmp_path, P3S_SAMPLING='{"raw": 0.5}')
+    names = [f"run{i:04d}.hdf5" for i in range(200)]
+    record(engine, [event(n) for n in names], c)
+    record(engine, [event(names[0]), event(names[0], force=True, by_hand=True)], c)
+    with Session(engine) as s:
+        files = admin.list_files(s, limit=1000)
+    decisions = {f["name"]: f["decision"] for f in files if not f["by_hand"] and f["id"] <= 200}
+    assert {n for n, d in decisions.items() if d == "accepted"} == {n for n in names if keep(n, 0.5)}
+    assert {d for d in decisions.values()} == {"accepted", "sampled_out"}
+    last_two = sorted(files, key=lambda f: f["id"])[-2:]
+    assert [(f["decision"], f["forced"]) for f in last_two] == [("duplicate", False), ("accepted", True)]
+
+
+def test_redelivered_event_is_recorded_once(engine, tmp_path: Path) -> None:
+    add_template(engine, graphml({"m": {"command": "true"}}), "monitor")
+    ev = event("f1")
+    assert len(record(engine, [ev], ctx(tmp_path))) == 1
+    assert record(engine, [ev], ctx(tmp_path)) == [], "the same event again is a redelivery, not a new sighting"
+    with Session(engine) as s:
+        assert len(admin.list_files(s)) == 1
+
+
+def test_reports_are_idempotent_and_terminal_states_are_never_left(engine, tmp_path: Path) -> None:
+    c = ctx(tmp_path)
+    add_template(engine, DIAMOND, "diamond")
+    (root,) = record(engine, [event("f1")], c)
+    now = time.time()
+    children = report(engine, root.job_id, JobState.FINISHED, c, ended_at=now, exit_code=0)
+    assert sorted(t.node for t in children) == ["b", "c"]
+    # The same report again, and a late 'running' after 'finished': nothing moves, nothing is enqueued twice.
+    assert report(engine, root.job_id, JobState.FINISHED, c, ended_at=now, exit_code=0) == []
+    assert report(engine, root.job_id, JobState.RUNNING, c, started_at=now) == []
+    assert report(engine, root.job_id, JobState.FAILED, c, exit_code=1) == []
+    b, cc = sorted(children, key=lambda t: t.node)
+    assert report(engine, b.job_id, JobState.FINISHED, c, ended_at=now) == [], "the join waits for c"
+    assert report(engine, cc.job_id, JobState.FAILED, c, ended_at=now, exit_code=2) == []
+    j = jobs(engine)
+    assert (j["a"]["state"], j["b"]["state"], j["c"]["state"], j["d"]["state"]) == (
+        "finished", "finished", "failed", "dropped")
+    assert f"'c' (job {cc.job_id})" in j["d"]["reason"]
+    with Session(engine) as s:
+        (wf,) = admin.list_workflows(s)
+        assert wf["state"] == "incomplete" and wf["ended_at"] is not None
+        assert run_audit(s, time.time(), 60).ok
+
+
+def test_reaper_expires_late_jobs_and_loses_silent_pilots(engine, tmp_path: Path) -> None:
+    add_template(engine, graphml({"a": {"command": "true"}, "b": {"command": "true"}}, edges=[("a", "b")],
+                                 budget_s=1), "t")
+    c = ctx(tmp_path, P3S_DISPATCHER_REAP_GRACE_S="0")
+    (task,) = record(engine, [event("f1")], c)
+    later = records.Context(c.settings, now=time.time() + 5)
+    with Session(engine) as s, s.begin():
+        assert records.reap(s, later) == []
+    j = jobs(engine)
+    assert (j["a"]["state"], j["b"]["state"]) == ("expired", "dropped")
+    # A dead-letter for the same task afterwards changes nothing.
+    with Session(engine) as s, s.begin():
+        assert records.expire_task(s, task, "expired", later) == []
+    assert jobs(engine)["a"]["reason"] == "deadline passed before it started"
+
+
+def test_audit_finds_what_is_wrong(engine, tmp_path: Path) -> None:
+    c = ctx(tmp_path)
+    add_template(engine, graphml({"a": {"command": "true"}}, budget_s=1), "t")
+    record(engine, [event("f1"), event("f2")], c)
+    with Session(engine) as s:
+        report_ = run_audit(s, time.time() + 100, grace_s=10)
+    assert not report_.ok
+    assert any("past their deadline" in p for p in report_.problems)
+    with Session(engine) as s, s.begin():
+        s.execute(update(db.Job).values(state="finished", ended_at=time.time()))
+    with Session(engine) as s:
+        report_ = run_audit(s, time.time() + 100, grace_s=10)
+    assert any("workflows whose state disagrees" in p for p in report_.problems)
+    assert report_.streams == [{"stream": "raw", "seen": 2, "accepted": 2, "sampled_out": 0, "duplicate": 0,
+                                "shed": 0}]
