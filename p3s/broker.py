@@ -140,12 +140,13 @@ class Publisher:
     def _open(self) -> None:
         conn = ensure_connected(connect(self._settings), max_retries=0)
         channel = conn.channel()
-        for exchange in self._exchanges:
-            exchange(channel).declare()
-        for queue in self._queues:
-            bound = queue(channel)
-            bound.exchange.declare()
-            bound.declare()
+        if self._settings.declare_topology:
+            for exchange in self._exchanges:
+                exchange(channel).declare()
+            for queue in self._queues:
+                bound = queue(channel)
+                bound.exchange.declare()
+                bound.declare()
         self._confirms = supports_dead_letters(conn)
         if self._confirms:
             channel.confirm_select()

@@ -72,6 +72,9 @@ class BrokerSettings:
     ssl_ca: str = ""
     ssl_cert: str = ""
     ssl_key: str = ""
+    # Declare exchanges and queues at start-up.  Turn off for least-privilege
+    # users (pilots, watchers) when the topology comes from definitions.json.
+    declare_topology: bool = True
 
     @property
     def embedded(self) -> bool:

@@ -92,7 +92,9 @@ class Pilot(ConsumerMixin):
         # consuming starts: a per-consumer limit would let one task per queue
         # wait here, and a limit set after basic.consume lets a burst through.
         channel.basic_qos(0, 1, True)
-        self._consumer = Consumer(queues=queues, on_message=self._on_task)
+        self._consumer = Consumer(
+            queues=queues, on_message=self._on_task, auto_declare=self.settings.broker.declare_topology
+        )
         return [self._consumer]
 
     def on_consume_ready(self, connection: Connection, channel: Any, consumers: Any, **kwargs: Any) -> None:
