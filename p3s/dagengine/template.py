@@ -492,6 +492,11 @@ def _stringly(data: str | bytes) -> tuple[bytes, dict[tuple[str, str], str]]:
         root = ET.fromstring(data)
     except ET.ParseError as exc:
         raise TemplateError(f"not a GraphML document: {exc}") from None
+    if root.tag == "graphml":
+        raise TemplateError(
+            "not a GraphML document: the root element 'graphml' lacks the GraphML namespace "
+            f"(xmlns=\"{_GRAPHML_NS.strip('{}')}\")"
+        )
     if root.tag != f"{_GRAPHML_NS}graphml":
         raise TemplateError(f"not a GraphML document: root element is {root.tag!r}")
     declared: dict[tuple[str, str], str] = {}

@@ -206,6 +206,11 @@ def test_refuses_xml_that_is_not_graphml() -> None:
     assert refused("<html><body/></html>").startswith("not a GraphML document")
 
 
+def test_refuses_graphml_without_its_namespace() -> None:
+    msg = refused('<graphml><graph edgedefault="directed"><node id="a"/></graph></graphml>')
+    assert "lacks the GraphML namespace" in msg and "http://graphml.graphdrawing.org/xmlns" in msg
+
+
 def test_refuses_undirected() -> None:
     refused(graphml({"a": {"command": "true"}}, edgedefault="undirected"), "undirected")
 
