@@ -117,8 +117,8 @@ class Signals:
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._term)
         signal.signal(signal.SIGINT, self._term)
-        if self._on_reload is not None:
-            signal.signal(signal.SIGHUP, self._hup)
+        # SIGHUP's default action would kill a daemon that has nothing to reload.
+        signal.signal(signal.SIGHUP, self._hup if self._on_reload is not None else signal.SIG_IGN)
 
     def _term(self, signum: int, _frame: FrameType | None) -> None:
         if self.stopping:

@@ -37,10 +37,12 @@ def mask_url(url: str) -> str:
     if parts.password is None:
         return url
     user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{_host_part(parts.netloc)}"))
+
+
+def _host_part(netloc: str) -> str:
+    """The host and port of a netloc exactly as written (IPv6 brackets kept)."""
+    return netloc.rsplit("@", 1)[-1]
 
 
 def _with_password(url: str, password_file: str) -> str:
@@ -52,10 +54,7 @@ def _with_password(url: str, password_file: str) -> str:
     except OSError as exc:
         raise ConfigError(f"cannot read password file {password_file}: {exc.strerror}") from exc
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{quote(parts.username or '', safe='')}:{quote(password, safe='')}@{host}"
+    netloc = f"{quote(parts.username or '', safe='')}:{quote(password, safe='')}@{_host_part(parts.netloc)}"
     return urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -208,7 +207,8 @@ class Settings:
 
     def to_dict(self, masked: bool = True) -> dict[str, Any]:
         """Every setting as plain data, passwords masked unless asked otherwise."""
-        data = _plain(dataclasses.asdict(self))
+        # asdict deep-copies, and a mappingproxy cannot be copied.
+        data = _plain(dataclasses.asdict(dataclasses.replace(self, sampling=dict(self.sampling))))
         if masked:
             data["broker"]["url"] = mask_url(self.broker.url)
             data["database"]["url"] = mask_url(self.database.url)
@@ -240,7 +240,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is tuple:
         (item,) = typing.get_args(hint)[:1]
         if isinstance(value, str):
-            value = _json(value, where) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = (
+                _json(value, where)
+                if value.strip().startswith("[")
+                else [v.strip() for v in value.split(",") if v.strip()]
+            )
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
