@@ -14,8 +14,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import PurePosixPath
+from types import SimpleNamespace
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from p3s import metrics
@@ -29,6 +31,13 @@ from p3s.states import TERMINAL_JOB_STATES, Decision, JobState, PilotState, Work
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _TemplateRef:
+    id: int
+    name: str
+    version: int
+
+
 @dataclass
 class Catalogue:
     """The templates new workflows may be made from, and the operators' stage priorities.
@@ -37,7 +46,7 @@ class Catalogue:
     priority take effect with the next batch, without a restart.
     """
 
-    active: list[tuple[TemplateRecord, Template]]
+    active: list[tuple[_TemplateRef, Template]]
     priorities: dict[tuple[str, str], int]
     by_id: dict[int, Template] = field(default_factory=dict)
 
@@ -56,7 +65,40 @@ def snapshot(session: Session, template_id: int) -> Template:
     return tpl
 
 
+_CATALOGUES: dict[str, tuple[tuple[object, ...], Catalogue]] = {}
+
+
 def load_catalogue(session: Session) -> Catalogue:
+    """The active templates and stage priorities, re-read only when either changed.
+
+    One small statement tells whether anything changed since the last batch (a
+    new version has a higher id; a deletion sets deleted_at; a priority change
+    sets set_at), so the usual batch pays one query instead of two joins.
+    """
+    fingerprint = tuple(
+        session.execute(
+            select(
+                select(func.max(TemplateRecord.id)).scalar_subquery(),
+                select(func.max(TemplateRecord.deleted_at)).scalar_subquery(),
+                select(func.count())
+                .select_from(TemplateRecord)
+                .where(TemplateRecord.deleted_at.is_not(None))
+                .scalar_subquery(),
+                select(func.max(StagePriority.set_at)).scalar_subquery(),
+                select(func.count()).select_from(StagePriority).scalar_subquery(),
+            )
+        ).one()
+    )
+    key = str(session.get_bind().url)
+    cached = _CATALOGUES.get(key)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    catalogue = _read_catalogue(session)
+    _CATALOGUES[key] = (fingerprint, catalogue)
+    return catalogue
+
+
+def _read_catalogue(session: Session) -> Catalogue:
     latest = (
         select(TemplateRecord.name, func.max(TemplateRecord.version).label("version"))
         .group_by(TemplateRecord.name)
@@ -68,7 +110,8 @@ def load_catalogue(session: Session) -> Catalogue:
         .where(TemplateRecord.deleted_at.is_(None))
         .order_by(TemplateRecord.name)
     ).all()
-    active = [(r, snapshot(session, r.id)) for r in records]
+    # Detached copies: the catalogue outlives this session.
+    active = [(_TemplateRef(r.id, r.name, r.version), snapshot(session, r.id)) for r in records]
     priorities = {(p.template, p.node): p.priority for p in session.scalars(select(StagePriority))}
     return Catalogue(active=active, priorities=priorities)
 
@@ -81,10 +124,14 @@ class Context:
     now: float = field(default_factory=time.time)
     # Set by the dispatcher when queues are past their limit: new files are shed.
     overloaded: bool = False
+    output_root: str = ""
+
+    def __post_init__(self) -> None:
+        self.output_root = str(self.settings.output_path)
 
 
-def _outdir(settings: Settings, workflow_id: int, node: str) -> str:
-    return str(settings.output_path / str(workflow_id) / node)
+def _outdir(ctx: Context, workflow_id: int, node: str) -> str:
+    return f"{ctx.output_root}/{workflow_id}/{node}"
 
 
 _EXPECTED: dict[tuple[str, str, str], tuple[float, float]] = {}
@@ -124,8 +171,8 @@ def _make_task(
             "input_name": file.name,
             "job_id": str(job.id),
             "workflow_id": str(wf.id),
-            "outdir": _outdir(ctx.settings, wf.id, node.name),
-            "parent_outdirs": [_outdir(ctx.settings, wf.id, p) for p in tpl.parents(node.name)],
+            "outdir": _outdir(ctx, wf.id, node.name),
+            "parent_outdirs": [_outdir(ctx, wf.id, p) for p in tpl.parents(node.name)],
         },
         env=dict(node.env),
         queue=node.queue,
@@ -170,6 +217,27 @@ def _enqueue(job: Job, ctx: Context, priority: int) -> None:
     job.priority = priority
 
 
+def _allocate_ids(session: Session, table: Any, count: int) -> list[int]:
+    """``count`` fresh primary keys for ``table``, taken before the rows are inserted.
+
+    Knowing the ids up front lets a batch be inserted with one cached
+    executemany per table instead of ORM flushes with INSERT ... RETURNING,
+    which are several times slower.  PostgreSQL hands out its sequence, so two
+    dispatchers never collide; SQLite (the embedded default, one dispatcher)
+    continues after the largest id.
+    """
+    if count == 0:
+        return []
+    if session.get_bind().dialect.name == "postgresql":
+        rows = session.execute(
+            text("SELECT nextval(CAST(:seq AS regclass)) FROM generate_series(1, :n)"),
+            {"seq": f"{table.name}_id_seq", "n": count},
+        )
+        return [r[0] for r in rows]
+    start = (session.scalar(select(func.max(table.c.id))) or 0) + 1
+    return list(range(start, start + count))
+
+
 def record_events(session: Session, events: Sequence[DataEvent], ctx: Context) -> list[Task]:
     """Record one decision per event, make the workflows of accepted files, return root tasks.
 
@@ -178,22 +246,28 @@ def record_events(session: Session, events: Sequence[DataEvent], ctx: Context) -
     """
     cat = load_catalogue(session)
     names = {e.name for e in events}
-    known = set(session.scalars(select(FileRecord.dedup_key).where(FileRecord.dedup_key.in_(names))))
-    recorded = {
-        (r.name, r.seen_at, r.source)
-        for r in session.execute(
-            select(FileRecord.name, FileRecord.seen_at, FileRecord.source).where(FileRecord.name.in_(names))
+    known: set[str] = set()
+    recorded: set[tuple[str, float, str]] = set()
+    for name, dedup_key, seen_at, source in session.execute(
+        select(FileRecord.name, FileRecord.dedup_key, FileRecord.seen_at, FileRecord.source).where(
+            FileRecord.name.in_(names)
         )
-    }
-    taken: dict[tuple[str, str], int] = {}
-    made: list[tuple[Template, Workflow, list[Job], FileRecord]] = []
+    ):
+        recorded.add((name, seen_at, source))
+        if dedup_key is not None:
+            known.add(dedup_key)
+
+    # First pass: one decision per event, and the templates of accepted files.
+    decided: list[tuple[DataEvent, str, bool, str, list[tuple[_TemplateRef, Template]]]] = []
     for ev in events:
         if (ev.name, ev.seen_at, ev.source) in recorded:
             log.info("file %s: event delivered again, already recorded", ev.name)
             continue
         recorded.add((ev.name, ev.seen_at, ev.source))
         first = ev.name not in known
+        known.add(ev.name)
         reason = ""
+        matching: list[tuple[_TemplateRef, Template]] = []
         if not first and not ev.force:
             decision = Decision.DUPLICATE
         elif not ev.force and not keep(ev.name, fraction_for(ctx.settings.sampling, ev.stream, ev.name)):
@@ -202,82 +276,101 @@ def record_events(session: Session, events: Sequence[DataEvent], ctx: Context) -
             decision, reason = Decision.SHED, "overload"
         else:
             decision = Decision.ACCEPTED
-        file = FileRecord(
-            name=ev.name,
-            dedup_key=ev.name if first else None,
-            path=ev.path,
-            stream=ev.stream,
-            source=ev.source,
-            size=ev.size,
-            seen_at=ev.seen_at,
-            received_at=ctx.now,
-            decision=decision,
-            by_hand=ev.by_hand,
-            forced=ev.force,
-            reason=reason,
-        )
-        known.add(ev.name)
-        session.add(file)
-        metrics.FILES.labels(ev.stream, decision).inc()
+            matching = [
+                (ref, tpl)
+                for ref, tpl in cat.active
+                if (tpl.name == ev.template if ev.template else fnmatchcase(ev.name, tpl.trigger))
+            ]
+            if not matching:
+                reason = f"template {ev.template!r} not found" if ev.template else "no template matches"
+                log.warning("file %s: accepted, but %s", ev.name, reason)
         if decision != Decision.ACCEPTED:
             log.info("file %s: %s", ev.name, decision)
-            continue
-        matching = [
-            (rec, tpl)
-            for rec, tpl in cat.active
-            if (tpl.name == ev.template if ev.template else fnmatchcase(ev.name, tpl.trigger))
-        ]
-        if not matching:
-            file.reason = f"template {ev.template!r} not found" if ev.template else "no template matches"
-            log.warning("file %s: accepted, but %s", ev.name, file.reason)
-            continue
-        for rec, tpl in matching:
+        metrics.FILES.labels(ev.stream, decision).inc()
+        decided.append((ev, decision, first, reason, matching))
+
+    # Second pass: plain rows with their ids, roots already in their final state.
+    # Plain dicts, not ORM objects: building thousands of instances per batch
+    # cost more than the database did.
+    file_ids = iter(_allocate_ids(session, FileRecord.__table__, len(decided)))
+    wf_ids = iter(_allocate_ids(session, Workflow.__table__, sum(len(d[4]) for d in decided)))
+    job_ids = iter(_allocate_ids(session, Job.__table__, sum(len(t.nodes) for d in decided for _r, t in d[4])))
+    file_rows: list[dict[str, Any]] = []
+    wf_rows: list[dict[str, Any]] = []
+    job_rows: list[dict[str, Any]] = []
+    queued: list[tuple[Template, Any, Any, Any]] = []
+    taken: dict[tuple[str, str], int] = {}
+    for ev, decision, first, reason, matching in decided:
+        file = {
+            "id": next(file_ids),
+            "name": ev.name,
+            "dedup_key": ev.name if first else None,
+            "path": ev.path,
+            "stream": ev.stream,
+            "source": ev.source,
+            "size": ev.size,
+            "seen_at": ev.seen_at,
+            "received_at": ctx.now,
+            "decision": decision.value,
+            "by_hand": ev.by_hand,
+            "forced": ev.force,
+            "reason": reason,
+        }
+        file_rows.append(file)
+        for ref, tpl in matching:
             wf_deadline = ev.seen_at + tpl.budget_s
-            wf = Workflow(
-                file=file,
-                template_id=rec.id,
-                template=tpl.name,
-                state=WorkflowState.RUNNING,
-                seen_at=ev.seen_at,
-                created_at=ctx.now,
-                deadline=wf_deadline,
-            )
-            jobs = [
-                Job(
-                    workflow=wf,
-                    template=tpl.name,
-                    node=node.name,
-                    state=JobState.PENDING,
-                    held=False,
-                    queue=node.queue,
-                    priority=node.priority,
-                    deadline=min(wf_deadline, ev.seen_at + node.budget_s) if node.budget_s else wf_deadline,
-                    wall_s=node.wall_s,
-                    created_at=ctx.now,
-                    log="",
-                    reason="",
-                )
-                for node in tpl.nodes
-            ]
-            session.add(wf)
-            session.add_all(jobs)
-            made.append((tpl, wf, jobs, file))
-    # One flush gives every row its id (PostgreSQL batches the inserts).
-    session.flush()
-    tasks: list[Task] = []
-    for tpl, wf, jobs, file in made:
-        roots = set(tpl.roots())
-        for job in jobs:
-            if job.node not in roots:
-                continue
-            node = tpl.node(job.node)
-            if _slots(session, tpl, job.node, node.max_running, taken):
-                _enqueue(job, ctx, cat.priorities.get((tpl.name, node.name), node.priority))
-                tasks.append(_make_task(session, ctx, cat, tpl, wf, job, file))
-            else:
-                job.held = True
-        metrics.SEEN_TO_CREATED.labels(tpl.name).observe(max(0.0, ctx.now - wf.seen_at))
-    return tasks
+            wf = {
+                "id": next(wf_ids),
+                "file_id": file["id"],
+                "template_id": ref.id,
+                "template": tpl.name,
+                "state": WorkflowState.RUNNING.value,
+                "seen_at": ev.seen_at,
+                "created_at": ctx.now,
+                "deadline": wf_deadline,
+                "ended_at": None,
+            }
+            wf_rows.append(wf)
+            roots = set(tpl.roots())
+            for node in tpl.nodes:
+                job = {
+                    "id": next(job_ids),
+                    "workflow_id": wf["id"],
+                    "template": tpl.name,
+                    "node": node.name,
+                    "state": JobState.PENDING.value,
+                    "held": False,
+                    "queue": node.queue,
+                    "priority": node.priority,
+                    "deadline": min(wf_deadline, ev.seen_at + node.budget_s) if node.budget_s else wf_deadline,
+                    "wall_s": node.wall_s,
+                    "pilot_id": None,
+                    "exit_code": None,
+                    "log": "",
+                    "reason": "",
+                    "created_at": ctx.now,
+                    "queued_at": None,
+                    "started_at": None,
+                    "ended_at": None,
+                }
+                if node.name in roots:
+                    if _slots(session, tpl, node.name, node.max_running, taken):
+                        job.update(
+                            state=JobState.QUEUED.value,
+                            queued_at=ctx.now,
+                            priority=cat.priorities.get((tpl.name, node.name), node.priority),
+                        )
+                        queued.append((tpl, SimpleNamespace(**wf), SimpleNamespace(**job), SimpleNamespace(**file)))
+                    else:
+                        job["held"] = True
+                job_rows.append(job)
+            metrics.SEEN_TO_CREATED.labels(tpl.name).observe(max(0.0, ctx.now - ev.seen_at))
+    # Core executemany, one per table, parents before children for the foreign keys.
+    conn = session.connection()
+    for model, rows in ((FileRecord, file_rows), (Workflow, wf_rows), (Job, job_rows)):
+        if rows:
+            conn.execute(insert(model.__table__), rows)
+    return [_make_task(session, ctx, cat, tpl, wf, job, file) for tpl, wf, job, file in queued]
 
 
 def _finish_job(job: Job, state: JobState, now: float, reason: str = "") -> None:
@@ -375,6 +468,8 @@ def move_job(session: Session, job_id: int, new: JobState, ctx: Context, **field
 def apply_job_report(session: Session, report: JobReport, ctx: Context) -> list[Task]:
     """Record what a pilot said about a job; a terminal state is never left."""
     new = JobState(report.state)
+    if new == JobState.RUNNING:
+        return _job_started(session, report)
     job = session.get(Job, report.job_id)
     if job is not None and JobState(job.state).terminal:
         level = logging.WARNING if job.state == JobState.LOST else logging.DEBUG
@@ -395,10 +490,27 @@ def apply_job_report(session: Session, report: JobReport, ctx: Context) -> list[
         "reason": report.reason or None,
         "ended_at": report.ended_at,
     }
-    moved, tasks = move_job(session, report.job_id, new, ctx, **fields)
-    if moved and new == JobState.RUNNING and job is not None and report.started_at and job.queued_at:
-        metrics.QUEUED_TO_STARTED.labels(job.template, job.node).observe(max(0.0, report.started_at - job.queued_at))
+    _moved, tasks = move_job(session, report.job_id, new, ctx, **fields)
     return tasks
+
+
+def _job_started(session: Session, report: JobReport) -> list[Task]:
+    """A job started: one conditional UPDATE; nothing else moves, so the workflow is not locked."""
+    row = session.execute(
+        update(Job)
+        .where(Job.id == report.job_id, Job.state.in_([JobState.PENDING, JobState.QUEUED]))
+        .values(state=JobState.RUNNING, pilot_id=report.pilot_id, started_at=report.started_at, log=report.log)
+        .returning(Job.template, Job.node, Job.queued_at)
+    ).first()
+    if row is None:
+        log.debug(
+            "job %s: running report from pilot %s ignored, job unknown or moved on", report.job_id, report.pilot_id
+        )
+        return []
+    template, node, queued_at = row
+    if report.started_at and queued_at:
+        metrics.QUEUED_TO_STARTED.labels(template, node).observe(max(0.0, report.started_at - queued_at))
+    return []
 
 
 def apply_pilot_report(session: Session, report: PilotReport, ctx: Context) -> None:

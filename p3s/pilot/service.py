@@ -199,8 +199,9 @@ class Pilot(ConsumerMixin):
             self._report_job(task, JobReport(task.job_id, JobState.EXPIRED, self.id, reason=reason, ended_at=now))
             self.jobs_done += 1
             return
+        # No heartbeat here: its confirm would delay the start; the 'running'
+        # report follows the start at once and the next beat says busy.
         self._current = task
-        self._report_pilot("heartbeat")
         log.info("job %s: running %s/%s", task.job_id, task.template, task.node)
         outcome = run_payload(
             task,
