@@ -262,6 +262,93 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILURE
 
 
+def _purge_line(counts: Any) -> str:
+    total = counts.total
+    return (
+        f"purge: {counts.jobs}/{total.get('jobs', 0)} jobs, {counts.workflows}/{total.get('workflows', 0)} workflows, "
+        f"{counts.files}/{total.get('files', 0)} files, batch {counts.batches}"
+        + (" (dry run)" if counts.dry_run else "")
+    )
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from p3s import db
+    from p3s.dispatcher.purge import parse_duration, purge
+
+    settings = settings_of(args)
+    cutoff = time.time() - parse_duration(args.older_than)
+    db.upgrade(settings.database_url)
+    engine = db.make_engine(settings.database_url)
+    tty = sys.stderr.isatty()
+
+    def progress(counts: Any) -> None:
+        if tty:
+            print(_purge_line(counts), file=sys.stderr, flush=True)
+        else:
+            log.info("%s", _purge_line(counts))
+
+    try:
+        counts = purge(
+            engine,
+            cutoff,
+            output_root=settings.output_path,
+            log_root=settings.log_path,
+            batch_size=args.batch_size,
+            dry_run=args.dry_run,
+            progress=progress,
+        )
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(counts.to_dict(), indent=2))
+        return EXIT_OK
+    verb = "would delete" if counts.dry_run else "deleted"
+    print(
+        f"purge: {verb} {counts.files} files, {counts.workflows} workflows, {counts.jobs} jobs, "
+        f"{counts.pilots} pilots, {counts.templates} template versions, {counts.output_dirs} output dirs, "
+        f"{counts.log_files} log files, {counts.log_dirs} log dirs older than {_when(cutoff)} UTC "
+        f"in {counts.batches} batch(es)"
+    )
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from p3s.dispatcher import status
+
+    settings = settings_of(args)
+    with session_of(args) as s:
+        data = status.collect(s, settings, watcher_metrics=args.watcher_metrics)
+    print(json.dumps(data, indent=2) if args.json else status.render(data))
+    return EXIT_OK
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from p3s import db
+    from p3s.dispatcher import status
+
+    settings = settings_of(args)
+    db.upgrade(settings.database_url)
+    engine = db.make_engine(settings.database_url)
+    shown = 0
+    try:
+        while True:
+            with Session(engine) as s:
+                text = status.render(status.collect(s, settings, watcher_metrics=args.watcher_metrics))
+            # Home the cursor and clear the screen, then draw the whole picture at once.
+            sys.stdout.write(f"\x1b[H\x1b[2J{text}\n\n(every {args.interval:g}s; Ctrl-C to quit)\n")
+            sys.stdout.flush()
+            shown += 1
+            if args.iterations and shown >= args.iterations:
+                return EXIT_OK
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        engine.dispose()
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from p3s import topology
     from p3s.broker import Publisher
@@ -498,6 +585,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.add_argument("--grace", type=float, default=None, help="seconds past a deadline before an active job is stale")
     q.set_defaults(func=cmd_audit)
+
+    q = sub.add_parser("purge", help="delete old files, workflows, jobs, pilots, outputs and logs, in batches")
+    q.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h, 90m or 3600s")
+    q.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+    q.add_argument("--batch-size", type=int, default=5000, metavar="N", help="files per transaction (default 5000)")
+    q.add_argument("--json", action="store_true", help="the summary as a JSON object")
+    q.set_defaults(func=cmd_purge)
+
+    for name, func, help in (
+        ("status", cmd_status, "queues, pilots, the last hour's outcomes and latencies, sources"),
+        ("top", cmd_top, "p3s status, redrawn until Ctrl-C"),
+    ):
+        q = sub.add_parser(name, help=help)
+        q.add_argument(
+            "--watcher-metrics", default=None, metavar="URL",
+            help="the watcher's /metrics URL, to show the active source (default: from [metrics])",
+        )
+        if name == "status":
+            q.add_argument("--json", action="store_true", help="one JSON object instead of text")
+        else:
+            q.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between redraws")
+            q.add_argument("--iterations", "-n", type=int, default=0, metavar="N", help="stop after N redraws")
+        q.set_defaults(func=func)
 
     q = sub.add_parser("submit", help="publish data events for existing files")
     q.add_argument("paths", nargs="+")
