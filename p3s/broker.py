@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import amqp
 import amqp.exceptions
 import kombu.exceptions
 from kombu import Connection, Exchange, Producer, Queue
@@ -30,6 +31,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     amqp.exceptions.ConnectionError,
     amqp.exceptions.ChannelError,
     amqp.exceptions.RecoverableConnectionError,
+    kombu.exceptions.OperationalError,  # kombu wraps a refused connection in this
 )
 
 
@@ -181,21 +183,7 @@ class Publisher:
             if self._conn is None:
                 self._open()
             for msg in batch:
-                # AMQP wants whole milliseconds; never 0 or less, which would
-                # drop the task before any pilot could even refuse it.
-                expiration = None if msg.expiration is None else max(msg.expiration, 0.001)
-                self._producer.publish(
-                    msg.body,
-                    exchange=msg.exchange,
-                    routing_key=msg.routing_key,
-                    priority=msg.priority,
-                    expiration=expiration,
-                    headers=msg.headers,
-                    content_type="application/json",
-                    content_encoding="utf-8",
-                    delivery_mode=2,
-                    retry=False,
-                )
+                self._send(msg)
                 self._sent += 1
                 if self._confirms:
                     self._outstanding.add(self._sent)
@@ -208,6 +196,39 @@ class Publisher:
             nacked, self._nacked = self._nacked, []
             raise BrokerUnavailable(f"the broker refused {len(nacked)} message(s)")
         return len(batch)
+
+    def _send(self, msg: Outgoing) -> None:
+        # AMQP wants whole milliseconds; never 0 or less, which would drop the
+        # task before any pilot could even refuse it.
+        expiration = None if msg.expiration is None else max(msg.expiration, 0.001)
+        if not self._confirms:  # kombu's in-process transport: its own message format
+            self._producer.publish(
+                msg.body,
+                exchange=msg.exchange,
+                routing_key=msg.routing_key,
+                priority=msg.priority,
+                expiration=expiration,
+                headers=msg.headers,
+                content_type="application/json",
+                content_encoding="utf-8",
+                delivery_mode=2,
+                retry=False,
+            )
+            return
+        # On RabbitMQ, straight to the channel: kombu's Producer costs four
+        # times as much per message, which shows in the dispatcher's batches.
+        properties: dict[str, Any] = {"delivery_mode": 2}
+        if expiration is not None:
+            properties["expiration"] = str(int(expiration * 1000) or 1)
+        message = amqp.Message(
+            msg.body,
+            content_type="application/json",
+            content_encoding="utf-8",
+            priority=msg.priority,
+            application_headers=msg.headers,
+            **properties,
+        )
+        self._channel.basic_publish(message, exchange=msg.exchange.name, routing_key=msg.routing_key)
 
     def _wait_confirms(self) -> None:
         assert self._conn is not None

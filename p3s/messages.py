@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from p3s.errors import InvalidMessage
@@ -21,7 +21,8 @@ SCHEMA_VERSION = 1
 
 def encode(message: Any) -> bytes:
     """The JSON body of a message dataclass."""
-    body = {"v": SCHEMA_VERSION, **asdict(message)}
+    # A shallow copy: asdict's deep copy was a tenth of the dispatcher's time.
+    body = {"v": SCHEMA_VERSION, **{f.name: getattr(message, f.name) for f in fields(message)}}
     return json.dumps(body, separators=(",", ":")).encode()
 
 
