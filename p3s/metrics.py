@@ -8,10 +8,16 @@ observe every hop of a file's journey.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from p3s.config import MetricsSettings
+from p3s.states import TERMINAL_JOB_STATES, WorkflowState
+
+if TYPE_CHECKING:
+    from p3s.dagengine import Template
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +64,55 @@ SEEN_TO_DONE = Histogram(
 QUEUE_DEPTH = Gauge("p3s_queue_depth", "Messages ready in a p3s queue.", ["queue"])
 OLDEST_QUEUED_AGE = Gauge("p3s_oldest_queued_task_age_seconds", "Age of the oldest task still queued.")
 PILOTS = Gauge("p3s_pilots", "Pilots known to the dispatcher, by state.", ["state"])
+TEMPLATE_BUDGET = Gauge(
+    "p3s_template_budget_seconds",
+    "A template's latency budget (file seen to workflow done), to compare p95 latencies with.",
+    ["template"],
+)
 
 # The watcher's own.
 EVENTS_PUBLISHED = Counter("p3s_watcher_events_published", "Data events published and confirmed.", ["source"])
 WATCHER_BACKLOG = Gauge("p3s_watcher_backlog", "Data events waiting for the broker.")
 WATCHER_RESCANS = Counter("p3s_watcher_rescans", "Full rescans of a source (start-up or inotify overflow).", ["source"])
 SOURCE_SWITCHES = Counter("p3s_watcher_source_switches", "A fallback source became active or idle.", ["source", "to"])
-SOURCE_ACTIVE = Gauge("p3s_watcher_source_active", "1 while a source publishes, 0 while it stands by.", ["source"])
+# ``role`` is "primary" or "fallback": an alert fires while a fallback source is active.
+SOURCE_ACTIVE = Gauge(
+    "p3s_watcher_source_active", "1 while a source publishes, 0 while it stands by.", ["source", "role"]
+)
 
 # A pilot's own few.
 PILOT_TASKS = Counter("p3s_pilot_tasks", "Tasks this pilot took, by outcome.", ["outcome"])
 PILOT_BUSY_SECONDS = Counter("p3s_pilot_busy_seconds", "Seconds this pilot spent running payloads.")
+
+
+_BUDGETS: set[str] = set()
+
+
+def export_templates(templates: Iterable[Template]) -> None:
+    """Export each active template's budget and start its series at zero; forget deleted templates' budgets.
+
+    A labelled series appears only when first observed, and ``rate()`` needs a
+    sample from before an observation to see it: series made here, at start-up,
+    let the first workflow of a template (and the first expired job of a stage)
+    count in rates and alerts.
+    """
+    names = set()
+    for tpl in templates:
+        names.add(tpl.name)
+        TEMPLATE_BUDGET.labels(tpl.name).set(tpl.budget_s)
+        SEEN_TO_CREATED.labels(tpl.name)
+        for state in (WorkflowState.FINISHED, WorkflowState.INCOMPLETE):
+            SEEN_TO_DONE.labels(tpl.name, state)
+            WORKFLOWS.labels(tpl.name, state)
+        for node in tpl.nodes:
+            QUEUED_TO_STARTED.labels(tpl.name, node.name)
+            RUN_TIME.labels(tpl.name, node.name)
+            for job_state in TERMINAL_JOB_STATES:
+                JOBS.labels(tpl.name, node.name, job_state)
+    for gone in _BUDGETS - names:
+        TEMPLATE_BUDGET.remove(gone)
+    _BUDGETS.clear()
+    _BUDGETS.update(names)
 
 
 def serve(settings: MetricsSettings) -> int | None:

@@ -264,7 +264,8 @@ class Dispatcher(ConsumerMixin):
             log.error("dispatcher: %d task(s) not published, they will expire: %s", len(tasks), exc)
             return
         for task in tasks:
-            metrics.TASKS_ENQUEUED.labels(task.queue).inc()
+            # Labelled with the broker's queue name, as p3s_queue_depth is.
+            metrics.TASKS_ENQUEUED.labels(topology.task_queue(task.queue).name).inc()
             log.debug(
                 "job %s: enqueued on %s, priority %d, %.1fs left",
                 task.job_id,
@@ -290,6 +291,7 @@ class Dispatcher(ConsumerMixin):
     def _refresh_gauges(self, now: float) -> None:
         """Queue depths, pilots and the oldest queued task; and whether to shed new files."""
         with Session(self.engine) as session:
+            metrics.export_templates(tpl for _rec, tpl in records.load_catalogue(session).active)
             for state in PilotState:
                 count = session.scalar(select(func.count()).select_from(Pilot).where(Pilot.state == state))
                 metrics.PILOTS.labels(state).set(count or 0)
