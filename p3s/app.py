@@ -18,6 +18,7 @@ from typing import Any
 from p3s import broker, db
 from p3s.config import Settings, SourceSettings
 from p3s.dispatcher.service import Dispatcher
+from p3s.errors import BrokerUnavailable
 from p3s.pilot.service import Limits, Pilot
 from p3s.watcher.service import Watcher
 
@@ -37,6 +38,13 @@ def make_pilot(
 ) -> Pilot:
     connection = broker.ensure_connected(broker.connect(settings.broker), max_retries=None)
     return Pilot(settings, connection, queues=queues, limits=limits, pilot_id=pilot_id)
+
+
+def _run_pilot(pilot: Pilot) -> None:
+    pilot.run()
+    pilot.close()
+    if pilot.refused:
+        raise BrokerUnavailable(pilot.refused)
 
 
 @dataclass
@@ -68,7 +76,7 @@ class Group:
             d = self.dispatcher
             self._thread("dispatcher", lambda: (d.run(), d.close()))
         for pilot in self.pilots:
-            self._thread(f"pilot-{pilot.id}", lambda p=pilot: (p.run(), p.close()))  # type: ignore[misc]
+            self._thread(f"pilot-{pilot.id}", lambda p=pilot: _run_pilot(p))  # type: ignore[misc]
         if self.watcher is not None:
             self._thread("watcher", self.watcher.run)
 

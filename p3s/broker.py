@@ -35,6 +35,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: The broker refused an operation for lack of permission: retrying cannot help.
+ACCESS_REFUSED = amqp.exceptions.AccessRefused
+
+
 def connect(settings: BrokerSettings, heartbeat: float | None = None) -> Connection:
     """A lazy kombu connection to the configured broker (nothing is sent yet)."""
     url = settings.effective_url

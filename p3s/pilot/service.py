@@ -83,6 +83,7 @@ class Pilot(ConsumerMixin):
         self._current: Task | None = None
         self._outbox: deque[Outgoing] = deque(maxlen=OUTBOX_MAX)
         self._registered = False
+        self.refused = ""
 
     # -- kombu hooks --------------------------------------------------------
 
@@ -92,9 +93,17 @@ class Pilot(ConsumerMixin):
         # consuming starts: a per-consumer limit would let one task per queue
         # wait here, and a limit set after basic.consume lets a burst through.
         channel.basic_qos(0, 1, True)
-        self._consumer = Consumer(
-            queues=queues, on_message=self._on_task, auto_declare=self.settings.broker.declare_topology
-        )
+        try:
+            self._consumer = Consumer(
+                queues=queues, on_message=self._on_task, auto_declare=self.settings.broker.declare_topology
+            )
+        except broker.ACCESS_REFUSED as exc:
+            # kombu would retry this for ever; no retry can grant a permission.
+            self.refused = f"the broker refused to let pilot {self.id} declare its queues ({exc})"
+            log.error("pilot %s: %s; a least-privilege pilot needs broker.declare_topology = false",
+                      self.id, self.refused)
+            self.should_stop = True
+            raise
         return [self._consumer]
 
     def on_consume_ready(self, connection: Connection, channel: Any, consumers: Any, **kwargs: Any) -> None:

@@ -384,8 +384,8 @@ def test_real_pilot_runs_a_task_under_the_pilot_user(loaded: Loaded, tmp_path: P
 def test_pilot_declaring_the_topology_is_refused(loaded: Loaded, tmp_path: Path) -> None:
     """Why pilots need declare_topology = false: with it on, the pilot user's declares are refused.
 
-    kombu's ConsumerMixin treats the refusal as a lost connection and retries for
-    ever, so such a pilot never takes a task and never registers.
+    kombu's ConsumerMixin would retry that for ever; the pilot instead stops at
+    once and says why, since no retry can grant a permission.
     """
     settings = load_settings(None, {"P3S_BROKER_URL": loaded.urls["pilot"], "P3S_STATE_DIR": str(tmp_path)})
     assert settings.broker.declare_topology is True
@@ -397,7 +397,10 @@ def test_pilot_declaring_the_topology_is_refused(loaded: Loaded, tmp_path: Path)
         publish(dispatcher, "p3s.tasks", "default", b'{"task": 1}')
         thread.start()
         try:
-            assert get(dispatcher, "p3s.dispatcher.status", timeout=3) is None, "it never registered"
+            thread.join(15)
+            assert not thread.is_alive(), "a refused pilot stops by itself"
+            assert "refused" in pilot.refused and "over-reaching" in pilot.refused
+            assert get(dispatcher, "p3s.dispatcher.status", timeout=1) is None, "it never registered"
         finally:
             pilot.should_stop = True
             thread.join(30)
