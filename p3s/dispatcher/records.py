@@ -217,25 +217,31 @@ def _enqueue(job: Job, ctx: Context, priority: int) -> None:
     job.priority = priority
 
 
-def _allocate_ids(session: Session, table: Any, count: int) -> list[int]:
-    """``count`` fresh primary keys for ``table``, taken before the rows are inserted.
+def _allocate_ids(session: Session, counts: Sequence[tuple[Any, int]]) -> list[list[int]]:
+    """Fresh primary keys, ``count`` for each table, taken before the rows are inserted.
 
     Knowing the ids up front lets a batch be inserted with one cached
     executemany per table instead of ORM flushes with INSERT ... RETURNING,
-    which are several times slower.  PostgreSQL hands out its sequence, so two
-    dispatchers never collide; SQLite (the embedded default, one dispatcher)
-    continues after the largest id.
+    which are several times slower.  PostgreSQL hands out its sequences (one
+    statement for all tables), so two dispatchers never collide; SQLite (the
+    embedded default, one dispatcher) continues after the largest id.
     """
-    if count == 0:
-        return []
     if session.get_bind().dialect.name == "postgresql":
-        rows = session.execute(
-            text("SELECT nextval(CAST(:seq AS regclass)) FROM generate_series(1, :n)"),
-            {"seq": f"{table.name}_id_seq", "n": count},
+        wanted = [(table, n) for table, n in counts if n]
+        if not wanted:
+            return [[] for _ in counts]
+        columns = ", ".join(
+            f"(SELECT array_agg(nextval('{table.name}_id_seq')) FROM generate_series(1, {int(n)}))"
+            for table, n in wanted
         )
-        return [r[0] for r in rows]
-    start = (session.scalar(select(func.max(table.c.id))) or 0) + 1
-    return list(range(start, start + count))
+        row = session.execute(text(f"SELECT {columns}")).one()
+        got = {table.name: list(ids) for (table, _n), ids in zip(wanted, row, strict=True)}
+        return [got.get(table.name, []) for table, _n in counts]
+    out = []
+    for table, n in counts:
+        start = (session.scalar(select(func.max(table.c.id))) or 0) + 1 if n else 0
+        out.append(list(range(start, start + n)))
+    return out
 
 
 def record_events(session: Session, events: Sequence[DataEvent], ctx: Context) -> list[Task]:
@@ -292,9 +298,15 @@ def record_events(session: Session, events: Sequence[DataEvent], ctx: Context) -
     # Second pass: plain rows with their ids, roots already in their final state.
     # Plain dicts, not ORM objects: building thousands of instances per batch
     # cost more than the database did.
-    file_ids = iter(_allocate_ids(session, FileRecord.__table__, len(decided)))
-    wf_ids = iter(_allocate_ids(session, Workflow.__table__, sum(len(d[4]) for d in decided)))
-    job_ids = iter(_allocate_ids(session, Job.__table__, sum(len(t.nodes) for d in decided for _r, t in d[4])))
+    allocated = _allocate_ids(
+        session,
+        [
+            (FileRecord.__table__, len(decided)),
+            (Workflow.__table__, sum(len(d[4]) for d in decided)),
+            (Job.__table__, sum(len(t.nodes) for d in decided for _r, t in d[4])),
+        ],
+    )
+    file_ids, wf_ids, job_ids = (iter(ids) for ids in allocated)
     file_rows: list[dict[str, Any]] = []
     wf_rows: list[dict[str, Any]] = []
     job_rows: list[dict[str, Any]] = []

@@ -16,7 +16,6 @@ from typing import Any
 
 from kombu import Connection
 from kombu.message import Message
-from kombu.mixins import ConsumerMixin
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -56,7 +55,7 @@ def death_reason(message: Message) -> str:
     return "unknown"
 
 
-class Dispatcher(ConsumerMixin):
+class Dispatcher(broker.ReconnectingConsumer):
     """Turns data events into workflows and pilots' reports into job states."""
 
     def __init__(
@@ -79,6 +78,7 @@ class Dispatcher(ConsumerMixin):
         self._declared: set[str] = set()
         self._next_reap = 0.0
         self._dead_letters = True
+        self._live = connection
         self.overloaded = False
 
     # -- kombu hooks --------------------------------------------------------
@@ -98,15 +98,22 @@ class Dispatcher(ConsumerMixin):
         # Messages buffered from a channel that died can no longer be acked:
         # RabbitMQ redelivers them, and recording is idempotent.  Cleared here,
         # before consuming starts, because deliveries may arrive as soon as the
-        # consumers exist, even while the topology below is being declared.
+        # consumers exist.
         self._events.clear()
         self._status.clear()
         self._expired.clear()
-        self._dead_letters = broker.supports_dead_letters(self.connection)
-        topology.declare_all(self.connection, self.settings.pilot.queues, self.settings.broker.max_queue_length)
-        self._declared = set(self.settings.pilot.queues)
+        # The publisher's connection died with the broker too, even if nothing
+        # was published meanwhile: its first publish would fail, and the tasks
+        # of a whole batch with it.
+        self.publisher.close()
 
     def on_consume_ready(self, connection: Connection, channel: Any, consumers: Any, **kwargs: Any) -> None:
+        # The revived connection (a clone of self.connection) serves the
+        # declares and queue depths from now on.
+        self._live = connection
+        self._dead_letters = broker.supports_dead_letters(connection)
+        topology.declare_all(connection, self.settings.pilot.queues, self.settings.broker.max_queue_length)
+        self._declared = set(self.settings.pilot.queues)
         log.info("dispatcher: consuming on %s", connection.as_uri())
 
     def consume(
@@ -119,8 +126,12 @@ class Dispatcher(ConsumerMixin):
                 waiting = self._waiting()
                 got = True
                 try:
-                    # While a batch is open, wait only a moment for more to join it.
-                    conn.drain_events(timeout=0.001 if waiting else safety_interval)
+                    # While a batch is open, only take what has already arrived (timeout
+                    # 0: a non-blocking read; any positive timeout is rounded up to a
+                    # millisecond by poll()).  Under load batches fill by themselves
+                    # while a transaction runs; when idle, a wait here would be added
+                    # to every file's latency.
+                    conn.drain_events(timeout=0 if waiting else safety_interval)
                 except TimeoutError:
                     conn.heartbeat_check()
                     got = False
@@ -254,7 +265,7 @@ class Dispatcher(ConsumerMixin):
         if not tasks:
             return
         for queue in {t.queue for t in tasks} - self._declared:
-            topology.declare(self.connection, [topology.task_queue(queue, self.settings.broker.max_queue_length)])
+            topology.declare(self._live, [topology.task_queue(queue, self.settings.broker.max_queue_length)])
             self._declared.add(queue)
         try:
             self.publisher.publish(task_message(t, now) for t in tasks)
@@ -302,7 +313,7 @@ class Dispatcher(ConsumerMixin):
         for name in sorted(self._declared):
             queue = topology.task_queue(name, self.settings.broker.max_queue_length)
             try:
-                depth = broker.queue_depth(self.connection, queue)
+                depth = broker.queue_depth(self._live, queue)
             except BrokerUnavailable:
                 return
             metrics.QUEUE_DEPTH.labels(queue.name).set(depth)

@@ -21,7 +21,6 @@ from typing import Any
 
 from kombu import Connection
 from kombu.message import Message
-from kombu.mixins import ConsumerMixin
 
 from p3s import broker, metrics, topology
 from p3s.broker import Outgoing, Publisher
@@ -51,7 +50,7 @@ def new_pilot_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-class Pilot(ConsumerMixin):
+class Pilot(broker.ReconnectingConsumer):
     """A long-lived consumer of task queues that runs one payload at a time."""
 
     def __init__(
@@ -84,6 +83,7 @@ class Pilot(ConsumerMixin):
         self._outbox: deque[Outgoing] = deque(maxlen=OUTBOX_MAX)
         self._registered = False
         self.refused = ""
+        self._live = connection
 
     # -- kombu hooks --------------------------------------------------------
 
@@ -107,6 +107,9 @@ class Pilot(ConsumerMixin):
         return [self._consumer]
 
     def on_consume_ready(self, connection: Connection, channel: Any, consumers: Any, **kwargs: Any) -> None:
+        # The connection consuming (a clone of self.connection): the one whose
+        # AMQP heartbeats must go on while a long payload runs.
+        self._live = connection
         if not self._registered:
             self._registered = True
             self._report_pilot("register")
@@ -147,7 +150,7 @@ class Pilot(ConsumerMixin):
             return
         # Stop deliveries before the ack opens the prefetch window, so no second
         # task waits in this pilot's buffer, invisible to idle pilots.
-        self._consumer.cancel()
+        broker.cancel_consumer(self._consumer)
         try:
             task = Task.parse(message.body)
         except InvalidMessage as exc:
@@ -285,7 +288,7 @@ class Pilot(ConsumerMixin):
             self._report_pilot("heartbeat")
         self.publisher.heartbeat_check()
         try:
-            self.connection.heartbeat_check()
+            self._live.heartbeat_check()
         except broker.CONNECTION_ERRORS:
             log.debug("pilot %s: consumer connection heartbeat failed", self.id, exc_info=True)
 

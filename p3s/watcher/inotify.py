@@ -64,8 +64,11 @@ class InotifySource:
         for ev in self._inotify.read(timeout=0):
             if ev.mask & flags.Q_OVERFLOW:
                 # The kernel dropped events: only a full listing can tell what they were.
+                # Among them may be the IN_CREATE of a new (run) directory, so watch the
+                # whole tree again first (a directory already watched keeps its watch).
                 log.warning("source %s: inotify queue overflowed, rescanning everything", self.name)
                 metrics.WATCHER_RESCANS.labels(self.name).inc()
+                self._watch_tree(self.root)
                 seen.extend(self.scan(max_age_s=None))
                 continue
             directory = self._paths.get(ev.wd)
