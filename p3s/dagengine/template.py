@@ -7,6 +7,7 @@ get text back.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -293,9 +294,9 @@ class Node:
         if self.max_running is not None and self.max_running < 1:
             raise _bad(n, "max_running", _NODE_SPEC["max_running"][1], self.max_running)
 
-    @property
+    @functools.cached_property
     def argv(self) -> tuple[str, ...]:
-        """The command split like a POSIX shell would, without running one."""
+        """The command split like a POSIX shell would, without running one (once per node)."""
         return tuple(shlex.split(self.command))
 
     def to_dict(self) -> dict[str, Any]:

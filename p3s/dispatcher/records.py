@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -17,7 +18,7 @@ from pathlib import PurePosixPath
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from p3s import metrics
@@ -67,6 +68,19 @@ def snapshot(session: Session, template_id: int) -> Template:
 
 _CATALOGUES: dict[str, tuple[tuple[object, ...], Catalogue]] = {}
 
+# Built once: constructing and hashing these statements cost more than running them.
+_FINGERPRINT = select(
+    select(func.max(TemplateRecord.id)).scalar_subquery(),
+    select(func.max(TemplateRecord.deleted_at)).scalar_subquery(),
+    select(func.count()).select_from(TemplateRecord).where(TemplateRecord.deleted_at.is_not(None)).scalar_subquery(),
+    select(func.max(StagePriority.set_at)).scalar_subquery(),
+    select(func.count()).select_from(StagePriority).scalar_subquery(),
+)
+_INSERTS = {model: insert(model.__table__) for model in (FileRecord, Workflow, Job)}
+_FILES_BY_NAME = select(FileRecord.name, FileRecord.dedup_key, FileRecord.seen_at, FileRecord.source).where(
+    FileRecord.name.in_(bindparam("names", expanding=True))
+)
+
 
 def load_catalogue(session: Session) -> Catalogue:
     """The active templates and stage priorities, re-read only when either changed.
@@ -75,20 +89,7 @@ def load_catalogue(session: Session) -> Catalogue:
     new version has a higher id; a deletion sets deleted_at; a priority change
     sets set_at), so the usual batch pays one query instead of two joins.
     """
-    fingerprint = tuple(
-        session.execute(
-            select(
-                select(func.max(TemplateRecord.id)).scalar_subquery(),
-                select(func.max(TemplateRecord.deleted_at)).scalar_subquery(),
-                select(func.count())
-                .select_from(TemplateRecord)
-                .where(TemplateRecord.deleted_at.is_not(None))
-                .scalar_subquery(),
-                select(func.max(StagePriority.set_at)).scalar_subquery(),
-                select(func.count()).select_from(StagePriority).scalar_subquery(),
-            )
-        ).one()
-    )
+    fingerprint = tuple(session.connection().execute(_FINGERPRINT).one())
     key = str(session.get_bind().url)
     cached = _CATALOGUES.get(key)
     if cached is not None and cached[0] == fingerprint:
@@ -217,31 +218,39 @@ def _enqueue(job: Job, ctx: Context, priority: int) -> None:
     job.priority = priority
 
 
+ID_BLOCK = 200
+_ID_POOLS: dict[tuple[str, str], deque[int]] = {}
+
+
 def _allocate_ids(session: Session, counts: Sequence[tuple[Any, int]]) -> list[list[int]]:
     """Fresh primary keys, ``count`` for each table, taken before the rows are inserted.
 
     Knowing the ids up front lets a batch be inserted with one cached
     executemany per table instead of ORM flushes with INSERT ... RETURNING,
-    which are several times slower.  PostgreSQL hands out its sequences (one
-    statement for all tables), so two dispatchers never collide; SQLite (the
-    embedded default, one dispatcher) continues after the largest id.
+    which are several times slower.  PostgreSQL hands out its sequences in
+    blocks kept here (one statement for all tables when a block runs out), so
+    two dispatchers never collide and a one-file batch usually costs no round
+    trip for its ids; ids lost with a stopped dispatcher are gaps, nothing more.
+    SQLite (the embedded default, one dispatcher) continues after the largest id.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        wanted = [(table, n) for table, n in counts if n]
-        if not wanted:
-            return [[] for _ in counts]
+    if session.get_bind().dialect.name != "postgresql":
+        out = []
+        for table, n in counts:
+            start = (session.scalar(select(func.max(table.c.id))) or 0) + 1 if n else 0
+            out.append(list(range(start, start + n)))
+        return out
+    url = str(session.get_bind().url)
+    pools = [_ID_POOLS.setdefault((url, table.name), deque()) for table, _n in counts]
+    short = [(table, max(ID_BLOCK, n)) for (table, n), pool in zip(counts, pools, strict=True) if len(pool) < n]
+    if short:
         columns = ", ".join(
             f"(SELECT array_agg(nextval('{table.name}_id_seq')) FROM generate_series(1, {int(n)}))"
-            for table, n in wanted
+            for table, n in short
         )
         row = session.execute(text(f"SELECT {columns}")).one()
-        got = {table.name: list(ids) for (table, _n), ids in zip(wanted, row, strict=True)}
-        return [got.get(table.name, []) for table, _n in counts]
-    out = []
-    for table, n in counts:
-        start = (session.scalar(select(func.max(table.c.id))) or 0) + 1 if n else 0
-        out.append(list(range(start, start + n)))
-    return out
+        for (table, _n), ids in zip(short, row, strict=True):
+            _ID_POOLS[(url, table.name)].extend(ids)
+    return [[pool.popleft() for _ in range(n)] for (_table, n), pool in zip(counts, pools, strict=True)]
 
 
 def record_events(session: Session, events: Sequence[DataEvent], ctx: Context) -> list[Task]:
@@ -254,11 +263,7 @@ def record_events(session: Session, events: Sequence[DataEvent], ctx: Context) -
     names = {e.name for e in events}
     known: set[str] = set()
     recorded: set[tuple[str, float, str]] = set()
-    for name, dedup_key, seen_at, source in session.execute(
-        select(FileRecord.name, FileRecord.dedup_key, FileRecord.seen_at, FileRecord.source).where(
-            FileRecord.name.in_(names)
-        )
-    ):
+    for name, dedup_key, seen_at, source in session.connection().execute(_FILES_BY_NAME, {"names": list(names)}):
         recorded.add((name, seen_at, source))
         if dedup_key is not None:
             known.add(dedup_key)
@@ -381,7 +386,7 @@ def record_events(session: Session, events: Sequence[DataEvent], ctx: Context) -
     conn = session.connection()
     for model, rows in ((FileRecord, file_rows), (Workflow, wf_rows), (Job, job_rows)):
         if rows:
-            conn.execute(insert(model.__table__), rows)
+            conn.execute(_INSERTS[model], rows)
     return [_make_task(session, ctx, cat, tpl, wf, job, file) for tpl, wf, job, file in queued]
 
 
