@@ -70,6 +70,7 @@ def run_p3s(args: argparse.Namespace, plan: list[float]) -> dict[str, Any]:
             tempfile.TemporaryDirectory() as tmp:
         environ = p3s_environ(broker_url, database_url, Path(tmp), "WARNING")
         environ["P3S_DISPATCHER_REAP_INTERVAL_S"] = "1"
+        environ["P3S_BROKER_MAX_QUEUE_LENGTH"] = str(args.max_queue)
         settings = load_settings(None, environ)
         prepare_database(database_url, template, "fresh")
         group = app.build_group(settings, [], args.workers)
@@ -167,16 +168,23 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--task-s", type=float, default=0.5)
     parser.add_argument("--budget-s", type=float, default=10.0)
+    parser.add_argument("--max-queue", type=int, default=-1,
+                        help="p3s task queue bound (drop-head); default: capacity x budget / 2; 0: unbounded")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
+    if args.max_queue < 0:
+        # Half the budget's worth of work: a task then waits at most ~budget/2,
+        # leaving the other half for its run and the report.
+        args.max_queue = max(1, int(args.workers / args.task_s * args.budget_s / 2))
     interrupt_on_sigterm()
     os.environ.setdefault("P3S_LOG_LEVEL", "WARNING")
     capacity_rate = args.workers / args.task_s
     plan = arrivals(args.seconds, 2 * capacity_rate)
     capacity = int(args.seconds * capacity_rate)
     print(f"arrivals: {len(plan)} files in {args.seconds:g}s ({2 * capacity_rate:g}/s, twice the capacity); "
-          f"capacity {capacity} tasks; budget {args.budget_s:g}s")
-    out: dict[str, Any] = {"arrivals": len(plan), "capacity": capacity, "budget_s": args.budget_s}
+          f"capacity {capacity} tasks; budget {args.budget_s:g}s; p3s task queue bound {args.max_queue or 'none'}")
+    out: dict[str, Any] = {"arrivals": len(plan), "capacity": capacity, "budget_s": args.budget_s,
+                           "max_queue": args.max_queue}
     for name, fn in (("fifo", run_fifo), ("p3s", run_p3s)):
         res = fn(args, plan)
         res["share_of_capacity_on_time"] = res["on_time"] / capacity

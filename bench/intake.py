@@ -1,0 +1,263 @@
+"""Intake rate: data events in, workflows created and root tasks enqueued, no pilots.
+
+Goal stated by the project: at least 1000 files/s.
+
+On the local RabbitMQ (a fresh vhost) and PostgreSQL (a fresh database), imports
+a 4-node diamond template (a -> b, a -> c, b + c -> d), starts the dispatcher
+(``--mode processes``: ``python -m p3s dispatcher``, the default; ``--mode
+threads``: a thread of this process), sends one warm-up event and waits for it,
+then publishes ``--events`` distinct data events at once to the p3s.events
+exchange with :class:`p3s.broker.Publisher` (confirmed, in batches of
+``--publish-batch`` like the watcher), and measures the time from the first
+publish until every workflow exists in the database and every root task is in
+p3s.tasks.default (passive queue declare, :func:`p3s.broker.queue_depth`).
+
+The floor is measured in the same run, before the dispatcher starts: PostgreSQL
+inserting ``--events`` rows in one transaction (psycopg executemany) and one-row
+transactions, and kombu publishing ``--events`` persistent messages without
+confirms.  Afterwards the dispatcher's batches are read back from the database
+(every file of one batch has the same ``received_at``): their count, size and
+the time each took.
+
+Usage::
+
+    /tmp/venv/bin/python bench/intake.py                      # 10 000 events, dispatcher in a child process
+    /tmp/venv/bin/python bench/intake.py --mode threads --events 5000 --json out.json
+
+Run by hand only; nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+TEMPLATE = "bench_diamond"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=["threads", "processes"], default="processes",
+                   help="dispatcher as python -m p3s dispatcher (default) or in a thread of this process")
+    p.add_argument("--events", type=int, default=10_000, help="data events published at once (default 10000)")
+    p.add_argument("--publish-batch", type=int, default=500, help="events per confirmed publish (default 500)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the dispatcher (default 300)")
+    p.add_argument("--log-level", default="WARNING", help="p3s log level (default WARNING)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE ('-': stdout)")
+    return p.parse_args(argv)
+
+
+def diamond() -> str:
+    nodes = {n: {"command": "/bin/true", "wall_s": "60"} for n in "abcd"}
+    return common.graphml(nodes, [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")], name=TEMPLATE)
+
+
+def events(prefix: str, count: int) -> list[Any]:
+    from p3s.messages import DataEvent
+    from p3s.watcher.service import event_message
+
+    now = time.time()
+    return [
+        event_message(DataEvent(name=f"{prefix}{i:06d}.dat", path=f"/data/{prefix}{i:06d}.dat", stream="raw",
+                                seen_at=now, source="bench", size=1024))
+        for i in range(count)
+    ]
+
+
+class Progress:
+    """Workflows in the database and tasks in p3s.tasks.default, asked together."""
+
+    def __init__(self, settings: Any, engine: Any) -> None:
+        from p3s import broker
+
+        self.engine = engine
+        self.connection = broker.ensure_connected(broker.connect(settings.broker))
+
+    def counts(self) -> tuple[int, int]:
+        from sqlalchemy import text
+
+        from p3s import broker, topology
+
+        with self.engine.connect() as conn:
+            workflows = conn.execute(text("SELECT count(*) FROM workflows")).scalar_one()
+        return workflows, broker.queue_depth(self.connection, topology.task_queue("default"))
+
+    def consumers(self) -> int:
+        from p3s import topology
+
+        channel = self.connection.channel()
+        try:
+            return topology.events_queue(channel).queue_declare(passive=True).consumer_count
+        except Exception:  # not declared yet: no consumer
+            return 0
+        finally:
+            try:
+                channel.close()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        self.connection.release()
+
+
+def wait_counts(progress: Progress, target: int, timeout: float, check: Any, t0: float) -> tuple[float, float]:
+    """Seconds after ``t0`` when workflows, then tasks, first reached ``target``."""
+    t_wf = t_tasks = float("nan")
+    end = time.perf_counter() + timeout
+    while True:
+        workflows, tasks = progress.counts()
+        now = time.perf_counter() - t0
+        if workflows >= target and t_wf != t_wf:
+            t_wf = now
+        if tasks >= target and t_tasks != t_tasks:
+            t_tasks = now
+        if t_wf == t_wf and t_tasks == t_tasks:
+            return t_wf, t_tasks
+        check()
+        if time.perf_counter() > end:
+            raise RuntimeError(f"timed out: {workflows} workflows and {tasks} tasks of {target}")
+        time.sleep(0.02)
+
+
+def batches(engine: Any, prefix: str) -> dict[str, float]:
+    """The dispatcher's batches, from the received_at that all files of one batch share."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT received_at, count(*) FROM files WHERE name LIKE :p GROUP BY received_at ORDER BY received_at"
+        ), {"p": prefix + "%"}).all()
+    sizes = [n for _t, n in rows]
+    gaps = [b[0] - a[0] for a, b in zip(rows, rows[1:], strict=False)]
+    return {
+        "batches": len(rows),
+        "mean_size": sum(sizes) / len(sizes) if sizes else 0,
+        "max_size": max(sizes) if sizes else 0,
+        "mean_ms_per_batch": 1000 * sum(gaps) / len(gaps) if gaps else float("nan"),
+        "ms_per_event_in_batches": 1000 * sum(gaps) / sum(sizes[:-1]) if gaps else float("nan"),
+    }
+
+
+def measure(args: argparse.Namespace, broker_url: str, database_url: str, tmp: Path) -> dict[str, Any]:
+    from p3s import app, db
+    from p3s.broker import Publisher
+    from p3s.config import load_settings
+
+    env = common.p3s_environ(broker_url, database_url, tmp, args.log_level)
+    settings = load_settings(None, env)
+    common.prepare_database(database_url, diamond(), TEMPLATE)
+
+    pg_rows_s, pg_one_s = common.pg_insert_rate(database_url, args.events)
+    pub_loop, pub_stored = common.publish_rate(broker_url, args.events)
+
+    engine = db.make_engine(database_url)
+    children: common.Children | None = None
+    group: Any = None
+    progress = Progress(settings, engine)
+    publisher = Publisher(settings.broker, exchanges=[])
+    try:
+        if args.mode == "processes":
+            children = common.Children(env, tmp)
+            children.start("dispatcher", "dispatcher")
+            check = children.check
+        else:
+            group = app.Group(dispatcher=app.make_dispatcher(settings))
+            group.start()
+
+            def check() -> None:
+                if group.errors:
+                    raise RuntimeError(f"the dispatcher stopped: {group.errors[0]!r}")
+
+        end = time.monotonic() + 60
+        while progress.consumers() < 1:
+            check()
+            if time.monotonic() > end:
+                raise RuntimeError("the dispatcher did not start consuming")
+            time.sleep(0.1)
+        # Warm-up: opens the publishers' connections and fills the template cache.
+        publisher.publish(events("warm-", 1))
+        wait_counts(progress, 1, 60, check, time.perf_counter())
+
+        messages = events("intake-", args.events)
+        t0 = time.perf_counter()
+        for i in range(0, len(messages), args.publish_batch):
+            publisher.publish(messages[i : i + args.publish_batch])
+        t_published = time.perf_counter() - t0
+        t_wf, t_tasks = wait_counts(progress, args.events + 1, args.timeout, check, t0)
+        shape = batches(engine, "intake-")
+    finally:
+        publisher.close()
+        progress.close()
+        if children is not None:
+            children.stop()
+        if group is not None:
+            group.stop()
+            group.join(15)
+            group.dispatcher.engine.dispose()
+        engine.dispose()
+    t_done = max(t_wf, t_tasks)
+    return {
+        "mode": args.mode,
+        "events": args.events,
+        "published_s": t_published,
+        "publish_rate": args.events / t_published,
+        "workflows_s": t_wf,
+        "tasks_s": t_tasks,
+        "done_s": t_done,
+        "files_per_s": args.events / t_done,
+        "dispatcher_batches": shape,
+        "floor": {
+            "pg_rows_per_s_one_txn": pg_rows_s,
+            "pg_one_row_txn_ms": 1000 * pg_one_s,
+            "publish_no_confirm_loop_per_s": pub_loop,
+            "publish_no_confirm_stored_per_s": pub_stored,
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(threadName)s %(levelname)s %(message)s")
+    common.interrupt_on_sigterm()
+    try:
+        with (
+            common.scratch_vhost("p3s-bench-intake") as broker_url,
+            common.scratch_database("p3s_bench_intake") as database_url,
+            tempfile.TemporaryDirectory(prefix="p3s-bench-intake-") as tmp,
+        ):
+            r = measure(args, broker_url, database_url, Path(tmp))
+    except KeyboardInterrupt:
+        print("interrupted; scratch vhost and database removed", file=sys.stderr)
+        return 130
+    where = "a child process (python -m p3s dispatcher)" if args.mode == "processes" else "a thread of this process"
+    f, b = r["floor"], r["dispatcher_batches"]
+    print(f"p3s intake: {r['events']} data events at once, 4-node diamond, no pilots, dispatcher in {where}")
+    print(f"  published (confirmed, batches of {args.publish_batch}) {r['published_s']:8.2f} s  "
+          f"{r['publish_rate']:8.0f} events/s")
+    print(f"  all workflows in the database      {r['workflows_s']:8.2f} s")
+    print(f"  all root tasks in p3s.tasks.default {r['tasks_s']:7.2f} s")
+    print(f"  intake rate                        {r['files_per_s']:8.0f} files/s   (goal >= 1000)")
+    print(f"  dispatcher batches: {b['batches']}, mean size {b['mean_size']:.0f} (max {b['max_size']}), "
+          f"{b['mean_ms_per_batch']:.1f} ms per batch, {b['ms_per_event_in_batches']:.3f} ms per event")
+    print("floor, same run:")
+    print(f"  PostgreSQL, {r['events']} rows in one transaction {f['pg_rows_per_s_one_txn']:8.0f} rows/s")
+    print(f"  PostgreSQL, one-row transaction        {f['pg_one_row_txn_ms']:8.2f} ms")
+    print(f"  kombu publish without confirms, loop   {f['publish_no_confirm_loop_per_s']:8.0f} msg/s")
+    print(f"  ... until all are in the queue         {f['publish_no_confirm_stored_per_s']:8.0f} msg/s")
+    if args.json:
+        common.dump_json(args.json, r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
