@@ -110,8 +110,24 @@ class SourceSettings:
     location: str = ""
     pattern: str = "*"
     stream: str = "raw"
-    # Pilots read the file as url_prefix + path relative to location; empty: the local path.
+    # Pilots read the file as url_prefix + path relative to location; empty: the local path
+    # (an xrootd source's events carry location + relative path when this is empty).
     url_prefix: str = ""
+    # poll and xrootd: seconds between scans, and how many consecutive scans a file's
+    # size and mtime must hold still before it is published.
+    scan_interval_s: float = 5.0
+    stable_scans: int = 2
+    # poll and xrootd: directories listed every scan even when their mtime did not
+    # change (coarse mtimes, files growing in place): the newest N.
+    newest_dirs: int = 2
+    # poll and xrootd: a listing failing or slower than this marks the source unhealthy.
+    health_timeout_s: float = 10.0
+    # Name of the primary source this one stands in for; empty: always active.
+    fallback_for: str = ""
+    # A fallback becomes active once its primary has been unhealthy this long ...
+    failover_after_s: float = 60.0
+    # ... and then publishes at most this many files per minute (it reads no file content).
+    max_files_per_minute: int = 60
 
 
 @dataclass(frozen=True)
@@ -349,6 +365,8 @@ def _validate(s: Settings) -> None:
     if len(names) != len(set(names)):
         raise ConfigError("sources: two sources share a name")
     for src in s.sources:
+        if src.fallback_for and (src.fallback_for == src.name or src.fallback_for not in names):
+            raise ConfigError(f"sources.{src.name}.fallback_for: {src.fallback_for!r} is not another source")
         if src.kind not in ("inotify", "poll", "xrootd"):
             raise ConfigError(f"sources.{src.name}.kind: must be inotify, poll or xrootd, got {src.kind!r}")
     if s.broker.max_queue_length < 0:

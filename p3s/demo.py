@@ -65,6 +65,8 @@ def run_demo(files: int = 5, pilots: int = 2, keep: bool = False, timeout_s: flo
     with Session(engine) as s, s.begin():
         admin.import_template(s, parse_graphml(DEMO_TEMPLATE, name="demo"))
     group.start()
+    assert group.watcher is not None
+    group.watcher.ready.wait(10)
     print(f"p3s demo in {root}: {pilots} pilot(s), embedded broker and SQLite")
     try:
         for i in range(files):

@@ -93,7 +93,10 @@ def test_example_loads_with_an_empty_environment() -> None:
     assert settings.database.url == "postgresql://p3s@db.example.org/p3s"
     assert settings.database.password_file
     assert settings.metrics.port == 9310
-    assert [s.kind for s in settings.sources] == ["inotify"]
+    assert [(s.name, s.kind, s.fallback_for) for s in settings.sources] == [
+        ("eos", "xrootd", ""),
+        ("daq-buffer", "inotify", "eos"),
+    ]
     assert not settings.broker.embedded
     assert dict(settings.sampling)
     assert all(0.0 <= f <= 1.0 for f in settings.sampling.values())
@@ -123,7 +126,7 @@ def test_example_mentions_each_setting_in_a_comment_or_key() -> None:
     text = EXAMPLE.read_text()
     for section in ("[broker]", "[database]", "[watcher]", "[[sources]]", "[dispatcher]", "[pilot]", "[metrics]"):
         assert f"\n{section}\n" in text
-    assert "# [[sources]]" in text and 'kind = "xrootd"' in text  # the commented remote source
+    assert 'kind = "xrootd"' in text and 'fallback_for = "eos"' in text  # EOS primary, buffer fallback
 
 
 # -- (b) the environment wins over the file ----------------------------------------------
