@@ -1,0 +1,1 @@
+"""Alembic migrations of the p3s schema (run by `p3s db upgrade`)."""
