@@ -130,3 +130,7 @@ def malformed_event(stack: Stack, watch: Path) -> None:
     from p3s import metrics
 
     assert metrics.INVALID_MESSAGES.labels(topology.events_queue.name)._value.get() >= 3
+
+
+#: The scenarios both tiers run, in order.
+PHASE_ONE = [file_to_finished_job, failing_payload, wall_limit, duplicate_name, malformed_event]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import time
 from collections import deque
@@ -13,6 +14,8 @@ from typing import Protocol
 
 from p3s.config import SourceSettings
 from p3s.messages import DataEvent
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,23 @@ class Selector:
 
     def wanted_dir(self, name: str) -> bool:
         return not name.startswith(".")
+
+
+class Health:
+    """Whether a listed source answers; a change is logged once, not at every scan."""
+
+    name: str
+    healthy: bool = True
+    last_error: str = ""
+
+    def _mark(self, healthy: bool, why: str = "") -> None:
+        if healthy != self.healthy:
+            if healthy:
+                log.info("source %s: healthy again", self.name)
+            else:
+                log.warning("source %s: unhealthy: %s", self.name, why)
+        self.healthy = healthy
+        self.last_error = why
 
 
 def to_event(source: SourceSettings, seen: FileSeen) -> DataEvent:

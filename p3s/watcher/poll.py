@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 from p3s.config import SourceSettings
-from p3s.watcher.files import FileSeen, Selector, Stability
+from p3s.watcher.files import FileSeen, Health, Selector, Stability
 
 log = logging.getLogger(__name__)
 
 
-class PollSource:
+class PollSource(Health):
     """Reports files under ``settings.location`` once they are stable; reads no file content.
 
     It has no file descriptor: the watcher calls :meth:`read` every
@@ -60,15 +60,6 @@ class PollSource:
 
     def fileno(self) -> int | None:
         return None
-
-    def _mark(self, healthy: bool, why: str = "") -> None:
-        if healthy != self.healthy:
-            if healthy:
-                log.info("source %s: healthy again", self.name)
-            else:
-                log.warning("source %s: unhealthy: %s", self.name, why)
-        self.healthy = healthy
-        self.last_error = why
 
     def scan(self, max_age_s: float | None) -> list[FileSeen]:
         """The start-up scan: list every directory, consider files newer than ``max_age_s``.

@@ -27,7 +27,7 @@ from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
 from p3s.config import SourceSettings
-from p3s.watcher.files import FileSeen, Selector, Stability
+from p3s.watcher.files import FileSeen, Health, Selector, Stability
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def split_location(location: str) -> tuple[str, str]:
     return parts.netloc, path.rstrip("/") or "/"
 
 
-class XrootdSource:
+class XrootdSource(Health):
     """Reports files on an XRootD server once they are stable; reads no file content."""
 
     def __init__(self, settings: SourceSettings, selector: Selector, rescan_age_s: float, xrdfs: str = "xrdfs") -> None:
@@ -119,15 +119,6 @@ class XrootdSource:
             relative = PurePosixPath(path).relative_to(self.root).as_posix()
             return f"{self.url_base}/{relative}"
         return self._server_url + path  # root://host:port//abs/path
-
-    def _mark(self, healthy: bool, why: str = "") -> None:
-        if healthy != self.healthy:
-            if healthy:
-                log.info("source %s: healthy again", self.name)
-            else:
-                log.warning("source %s: unhealthy: %s", self.name, why)
-        self.healthy = healthy
-        self.last_error = why
 
     def _list(self, directory: str) -> list[Entry]:
         argv = [self.xrdfs, self.server, "ls", "-l", directory]

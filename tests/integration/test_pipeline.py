@@ -30,13 +30,7 @@ def stack(tmp_path: Path, broker_url: str, database_url: str) -> Iterator[tuple[
 
 @pytest.mark.parametrize(
     "scenario",
-    [
-        scenarios.file_to_finished_job,
-        scenarios.failing_payload,
-        scenarios.wall_limit,
-        scenarios.duplicate_name,
-        scenarios.malformed_event,
-    ],
+    scenarios.PHASE_ONE,
     ids=lambda f: f.__name__,
 )
 def test_real_servers(stack: tuple[Stack, Path], scenario: Callable[[Stack, Path], None]) -> None:
