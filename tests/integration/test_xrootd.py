@@ -54,6 +54,10 @@ class XrootdServer:
         self.config = self.base / "xrootd.cfg"
         self.config.write_text(
             f"xrd.port {self.port}\n"
+            # xrootd 5.5 has no directive to listen on loopback only: accept
+            # connections from this host alone instead.
+            "xrd.allow host localhost\n"
+            "xrd.allow host 127.0.0.1\n"
             "all.export /\n"
             f"oss.localroot {self.export}\n"
             f"all.adminpath {admin}\n"
