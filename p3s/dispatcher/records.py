@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from pathlib import PurePosixPath
 from types import SimpleNamespace
 from typing import Any
 
@@ -629,15 +628,6 @@ def release_held(session: Session, ctx: Context) -> list[Task]:
         _enqueue(job, ctx, cat.priorities.get((tpl.name, node.name), node.priority))
         tasks.append(_make_task(session, ctx, cat, tpl, wf, job, file))
     return tasks
-
-
-def queue_names(session: Session) -> set[str]:
-    """Every task queue named by an active template, so the dispatcher can declare them."""
-    return {node.queue for _rec, tpl in load_catalogue(session).active for node in tpl.nodes}
-
-
-def input_name(path: str) -> str:
-    return PurePosixPath(path).name
 
 
 def stage_run_times(session: Session, template: str, node: str, limit: int = 100) -> Iterable[float]:

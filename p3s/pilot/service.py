@@ -16,7 +16,6 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from kombu import Connection
@@ -28,7 +27,7 @@ from p3s.config import Settings
 from p3s.errors import BrokerUnavailable, InvalidMessage
 from p3s.messages import JobReport, PilotReport, Task, encode
 from p3s.pilot.admission import refusal
-from p3s.pilot.runner import Outcome, run_payload
+from p3s.pilot.runner import Outcome, log_path, run_payload
 from p3s.pilot.stagein import stage_in
 from p3s.states import JobState, PilotState
 
@@ -215,12 +214,13 @@ class Pilot(broker.ReconnectingConsumer):
         # report follows the start at once and the next beat says busy.
         self._current = task
         log.info("job %s: running %s/%s", task.job_id, task.template, task.node)
+        logfile = str(log_path(self.settings.log_path, task))
         outcome = run_payload(
             task,
             work_root=self.settings.pilot.work_root or None,
             log_root=self.settings.log_path,
             on_start=lambda t: self._report_job(
-                task, JobReport(task.job_id, JobState.RUNNING, self.id, started_at=t, log=str(self._log_of(task)))
+                task, JobReport(task.job_id, JobState.RUNNING, self.id, started_at=t, log=logfile)
             ),
             between_slices=self._beat,
             kill_requested=lambda: self.kill_requested,
@@ -231,11 +231,6 @@ class Pilot(broker.ReconnectingConsumer):
         self._current = None
         self.jobs_done += 1
         self._report_outcome(task, outcome)
-
-    def _log_of(self, task: Task) -> Path:
-        from p3s.pilot.runner import log_path
-
-        return log_path(self.settings.log_path, task)
 
     def _report_outcome(self, task: Task, outcome: Outcome) -> None:
         metrics.PILOT_TASKS.labels(outcome.state).inc()
