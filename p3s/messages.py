@@ -148,6 +148,8 @@ class JobReport:
     reason: str = ""
     started_at: float | None = None
     ended_at: float | None = None
+    # The pilot refused a task the broker delivered a second time: it may have run already.
+    redelivered: bool = False
 
     @classmethod
     def parse(cls, body: bytes | str) -> JobReport:
@@ -171,6 +173,7 @@ class JobReport:
             reason=_field(data, "reason", str, ""),
             started_at=_field(data, "started_at", float, None),
             ended_at=_field(data, "ended_at", float, None),
+            redelivered=_field(data, "redelivered", bool, False),
         )
 
 
@@ -190,6 +193,7 @@ class PilotReport:
     sent_at: float = field(default_factory=time.time)
     job_id: int | None = None
     jobs_done: int = 0
+    problem: str = ""  # why a ``broken`` pilot takes no tasks; empty when healthy
 
     @classmethod
     def parse(cls, body: bytes | str) -> PilotReport:
@@ -210,6 +214,7 @@ class PilotReport:
             sent_at=_field(data, "sent_at", float),
             job_id=_field(data, "job_id", int, None),
             jobs_done=_field(data, "jobs_done", int, 0),
+            problem=_field(data, "problem", str, ""),
         )
 
 

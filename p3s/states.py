@@ -51,6 +51,7 @@ class Decision(StrEnum):
     SAMPLED_OUT = "sampled_out"
     DUPLICATE = "duplicate"
     SHED = "shed"
+    REFUSED = "refused"  # the event cannot be carried: a name that is not text, a path outside its roots
 
 
 class PilotState(StrEnum):
@@ -58,5 +59,6 @@ class PilotState(StrEnum):
 
     IDLE = "idle"
     BUSY = "busy"
+    BROKEN = "broken"  # alive, but cannot take tasks (its work root is unusable); its heartbeats say why
     STOPPED = "stopped"  # said goodbye
     LOST = "lost"  # heartbeats stopped for longer than the timeout
