@@ -27,6 +27,7 @@ from p3s.config import Settings
 from p3s.errors import BrokerUnavailable, InvalidMessage
 from p3s.messages import JobReport, PilotReport, Task, encode
 from p3s.pilot.admission import refusal
+from p3s.pilot.consumer import TaskConsumer
 from p3s.pilot.runner import Outcome, log_path, run_payload
 from p3s.pilot.stagein import stage_in
 from p3s.states import JobState, PilotState
@@ -77,12 +78,13 @@ class Pilot(broker.ReconnectingConsumer):
         self._idle_since = time.monotonic()
         self._next_beat = 0.0
         self._consumer: Any = None
-        self._task: Task | None = None
+        self._message: Message | None = None
         self._current: Task | None = None
         self._outbox: deque[Outgoing] = deque(maxlen=OUTBOX_MAX)
         self._registered = False
         self.refused = ""
         self._live = connection
+        self.connections = 0  # times it started consuming: more than one means its channel was lost
 
     # -- kombu hooks --------------------------------------------------------
 
@@ -93,8 +95,12 @@ class Pilot(broker.ReconnectingConsumer):
         # wait here, and a limit set after basic.consume lets a burst through.
         channel.basic_qos(0, 1, True)
         try:
-            self._consumer = Consumer(
-                queues=queues, on_message=self._on_task, auto_declare=self.settings.broker.declare_topology
+            self._consumer = TaskConsumer(
+                channel,
+                queues=queues,
+                on_message=self._on_task,
+                auto_declare=self.settings.broker.declare_topology,
+                on_decode_error=self.on_decode_error,
             )
         except broker.ACCESS_REFUSED as exc:
             # kombu would retry this for ever; no retry can grant a permission.
@@ -109,6 +115,7 @@ class Pilot(broker.ReconnectingConsumer):
         # The connection consuming (a clone of self.connection): the one whose
         # AMQP heartbeats must go on while a long payload runs.
         self._live = connection
+        self.connections += 1
         if not self._registered:
             self._registered = True
             self._report_pilot("register")
@@ -123,41 +130,51 @@ class Pilot(broker.ReconnectingConsumer):
         """ConsumerMixin's loop, running the task taken (outside the message callback)."""
         with self.consumer_context(**kwargs) as (conn, _channel, _consumers):
             while not self.should_stop:
-                if self._task is not None:
-                    task, self._task = self._task, None
-                    self._execute(task)
-                    if self._limits_reached():
-                        break
-                    self._consumer.consume()  # take the next one
-                    self._idle_since = time.monotonic()
+                if self._message is not None:
+                    message, self._message = self._message, None
+                    task = self._take(message)
+                    if task is not None:
+                        self._execute(task)
+                        if self._limits_reached():
+                            break
+                        self._idle_since = time.monotonic()
+                    if not self.should_stop:
+                        # A task delivered while this starts is taken on the next turn, not after a drain.
+                        self._consumer.consume()
                 self._beat()
-                try:
-                    conn.drain_events(timeout=min(safety_interval, self.settings.pilot.heartbeat_s))
-                except TimeoutError:
-                    conn.heartbeat_check()
-                    if self._limits_reached():
-                        break
+                if self._message is None:
+                    try:
+                        conn.drain_events(timeout=min(safety_interval, self.settings.pilot.heartbeat_s))
+                    except TimeoutError:
+                        conn.heartbeat_check()
+                        if self._limits_reached():
+                            break
                 yield
         self.should_stop = True
 
     # -- taking a task ------------------------------------------------------
 
     def _on_task(self, message: Message) -> None:
-        if self._task is not None:
+        # Only noted here: this may run inside the broker wait of a consume or
+        # a drain, where pausing the consumer is not safe; the loop takes it.
+        if self._message is not None:
             # Cannot happen with a prefetch of one; if it does, the task goes back untouched.
             message.requeue()
             return
+        self._message = message
+
+    def _take(self, message: Message) -> Task | None:
+        """Pause deliveries and settle ``message``: the task to run now, or None."""
         # Stop deliveries before the ack opens the prefetch window, so no second
         # task waits in this pilot's buffer, invisible to idle pilots.
-        broker.cancel_consumer(self._consumer)
+        self._consumer.pause()
         try:
             task = Task.parse(message.body)
         except InvalidMessage as exc:
             message.ack()
             metrics.PILOT_TASKS.labels("invalid").inc()
             log.error("pilot %s: unreadable task dropped: %s", self.id, exc)
-            self._consumer.consume()
-            return
+            return None
         left = self._life_left()
         if left is not None and left < task.wall_s:
             # Hand it back untouched for a pilot with time to finish it, and retire.
@@ -170,9 +187,9 @@ class Pilot(broker.ReconnectingConsumer):
                 task.wall_s,
             )
             self.should_stop = True
-            return
+            return None
         message.ack()
-        self._task = task
+        return task
 
     def _life_left(self) -> float | None:
         if not self.limits.lifetime_s:
