@@ -35,6 +35,7 @@ from p3s.states import JobState, PilotState
 log = logging.getLogger(__name__)
 
 OUTBOX_MAX = 10_000
+REDELIVERED = "delivered again by the broker after a failure; it may have run already, so it is not run twice"
 
 
 @dataclass(frozen=True)
@@ -175,10 +176,26 @@ class Pilot(broker.ReconnectingConsumer):
             metrics.PILOT_TASKS.labels("invalid").inc()
             log.error("pilot %s: unreadable task dropped: %s", self.id, exc)
             return None
+        if (message.delivery_info or {}).get("redelivered"):
+            # The broker delivered it before, and its ack may have been lost with
+            # a broker node: it may have run already, and a job runs at most once.
+            message.ack()
+            metrics.PILOT_TASKS.labels("redelivered").inc()
+            log.warning("job %s: %s", task.job_id, REDELIVERED)
+            self._report_job(task, JobReport(task.job_id, JobState.LOST, self.id, reason=REDELIVERED,
+                                             ended_at=time.time(), redelivered=True))
+            return None
         left = self._life_left()
         if left is not None and left < task.wall_s:
             # Hand it back untouched for a pilot with time to finish it, and retire.
-            message.requeue()
+            # On RabbitMQ it is rejected to p3s.expired (x-death reason
+            # `rejected`), where the dispatcher publishes a fresh copy: a
+            # requeued one would come back flagged as redelivered, like one
+            # whose pilot died.  The in-process transport has no dead letters.
+            if broker.supports_dead_letters(self._live):
+                message.reject(requeue=False)
+            else:
+                message.requeue()
             log.info(
                 "pilot %s: %.0fs of life left, less than job %s's wall limit of %.0fs; stopping",
                 self.id,
