@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
@@ -18,16 +19,37 @@ from typing import Any
 from p3s import broker, db
 from p3s.config import Settings, SourceSettings
 from p3s.dispatcher.service import Dispatcher
-from p3s.errors import BrokerUnavailable
+from p3s.errors import BrokerUnavailable, DatabaseRefused, DatabaseUnavailable
 from p3s.pilot.service import Limits, Pilot
 from p3s.watcher.service import Watcher
 
 log = logging.getLogger(__name__)
 
 
+def wait_for_database(url: str, stop: Callable[[], bool] = lambda: False) -> None:
+    """Bring the schema up to date, waiting (WARNING, back-off) while the database does not answer.
+
+    Only refused credentials, a missing database or a URL no driver knows are
+    final: the caller gets that error at once.
+    """
+    backoff = 0.5
+    while True:
+        try:
+            db.upgrade(url)
+            return
+        except DatabaseRefused:
+            raise
+        except DatabaseUnavailable as exc:
+            if stop():
+                raise
+            log.warning("dispatcher: waiting for the database, trying again in %.1fs: %s", backoff, exc)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+
 def make_dispatcher(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> Dispatcher:
-    """A dispatcher with the schema brought to the current revision."""
-    db.upgrade(settings.database_url)
+    """A dispatcher with the schema brought to the current revision, once both servers answer."""
+    wait_for_database(settings.database_url)
     engine = db.make_engine(settings.database_url, echo=settings.database.echo)
     connection = broker.ensure_connected(broker.connect(settings.broker), max_retries=None)
     return Dispatcher(settings, engine, connection, reload_settings=reload_settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -156,12 +157,20 @@ class Outgoing:
 
 
 class Publisher:
-    """Publishes batches with publisher confirms on a connection of its own.
+    """Publishes batches with publisher confirms on a connection of its own, and keeps it alive.
 
     A confirm round trip costs about a millisecond; waiting for one per message
     would cap the dispatcher near a thousand messages a second, so a batch is
     sent at once and the confirms are awaited together.  ``publish`` returns
     only when the broker has confirmed every message of the batch.
+
+    An idle publishing connection reads nothing, so without help it neither
+    sends heartbeats nor sees the broker's: RabbitMQ closes it after two missed
+    heartbeats, and the next publish fails.  A keep-alive thread therefore
+    drains the broker's frames and sends heartbeats between publishes (under a
+    lock: an AMQP connection is not safe for two threads at once).  A message
+    not confirmed because the connection failed is sent again, once, on a
+    fresh connection.
     """
 
     def __init__(
@@ -170,6 +179,7 @@ class Publisher:
         exchanges: Iterable[Exchange] = (),
         queues: Iterable[Queue] = (),
         confirm_timeout: float = 30.0,
+        keepalive: bool = True,
     ):
         self._settings = settings
         self._exchanges = tuple(exchanges)
@@ -185,6 +195,10 @@ class Publisher:
         self._sent = 0
         self._outstanding: set[int] = set()
         self._nacked: list[int] = []
+        self._lock = threading.RLock()
+        self._keepalive = keepalive and not settings.embedded and settings.heartbeat_s > 0
+        self._thread: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def _open(self) -> None:
         conn = ensure_connected(connect(self._settings), max_retries=0)
@@ -206,6 +220,10 @@ class Publisher:
         self._sent = 0
         self._outstanding = set()
         self._nacked = []
+        if self._keepalive and self._thread is None:
+            self._closed.clear()
+            self._thread = threading.Thread(target=self._keep_alive, name="publisher-keepalive", daemon=True)
+            self._thread.start()
 
     def _on_ack(self, tag: int, multiple: bool) -> None:
         if multiple:
@@ -220,12 +238,32 @@ class Publisher:
     def publish(self, messages: Iterable[Outgoing]) -> int:
         """Publish ``messages`` and wait for their confirms; return how many were sent.
 
-        Raises BrokerUnavailable if the broker is gone or refused (nacked) one;
-        the caller then knows none of the batch can be counted as delivered.
+        If the connection fails on the way, the messages not yet confirmed are
+        sent again on a new connection, once.  Raises BrokerUnavailable if that
+        fails too, or if the broker refused (nacked) one; the caller then knows
+        the batch cannot be counted as delivered.
         """
         batch = list(messages)
         if not batch:
             return 0
+        with self._lock:
+            unconfirmed, exc = self._publish_once(batch)
+            if exc is not None:
+                self._close()
+                log.info("publisher: connection failed (%s), sending %d unconfirmed message(s) again",
+                         exc, len(unconfirmed))
+                unconfirmed, exc = self._publish_once(unconfirmed)
+                if exc is not None:
+                    self._close()
+                    raise BrokerUnavailable(f"publish failed: {exc}") from exc
+            if self._nacked:
+                nacked, self._nacked = self._nacked, []
+                raise BrokerUnavailable(f"the broker refused {len(nacked)} message(s)")
+        return len(batch)
+
+    def _publish_once(self, batch: list[Outgoing]) -> tuple[list[Outgoing], BaseException | None]:
+        """Send and await confirms; on a connection error, the messages not confirmed and the error."""
+        tags: dict[int, Outgoing] = {}
         try:
             if self._conn is None:
                 self._open()
@@ -234,15 +272,15 @@ class Publisher:
                 self._sent += 1
                 if self._confirms:
                     self._outstanding.add(self._sent)
+                    tags[self._sent] = msg
             if self._confirms:
                 self._wait_confirms()
         except CONNECTION_ERRORS as exc:
-            self.close()
-            raise BrokerUnavailable(f"publish failed: {exc}") from exc
-        if self._nacked:
-            nacked, self._nacked = self._nacked, []
-            raise BrokerUnavailable(f"the broker refused {len(nacked)} message(s)")
-        return len(batch)
+            sent = [m for t, m in tags.items() if t in self._outstanding]
+            return sent + batch[len(tags):], exc
+        except BrokerUnavailable as exc:  # the reconnect itself failed
+            return batch, exc
+        return [], None
 
     def _send(self, msg: Outgoing) -> None:
         # AMQP wants whole milliseconds; never 0 or less, which would drop the
@@ -290,20 +328,41 @@ class Publisher:
                 self._conn.heartbeat_check()
 
     def heartbeat_check(self) -> None:
-        """Keep the AMQP heartbeat of an idle publisher connection going."""
-        if self._conn is not None:
+        """Read the broker's frames and send a heartbeat if one is due; close a dead connection."""
+        with self._lock:
+            if self._conn is None or not self._confirms:
+                return
             try:
+                try:
+                    self._conn.drain_events(timeout=0)
+                except TimeoutError:
+                    pass
                 self._conn.heartbeat_check()
-            except CONNECTION_ERRORS:
-                self.close()
+            except CONNECTION_ERRORS as exc:
+                # Reopened by the next publish; nothing was in flight.
+                log.info("publisher: idle connection closed (%s); the next publish reconnects", exc)
+                self._close()
 
-    def close(self) -> None:
+    def _keep_alive(self) -> None:
+        interval = max(0.2, self._settings.heartbeat_s / 4)
+        while not self._closed.wait(interval):
+            self.heartbeat_check()
+
+    def _close(self) -> None:
         if self._conn is not None:
             try:
                 self._conn.release()
             except CONNECTION_ERRORS:
                 log.debug("publisher: error while closing", exc_info=True)
         self._conn = self._channel = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+        self._closed.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
 
 
 def headers_of(message: Any) -> Mapping[str, Any]:

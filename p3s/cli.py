@@ -9,11 +9,11 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from p3s import __version__
+from p3s.tables import print_table, when
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the command ran and found something wrong (a failed job, a broken audit)
@@ -24,30 +24,6 @@ log = logging.getLogger("p3s")
 
 
 # -- output helpers ---------------------------------------------------------------
-
-
-def _when(ts: Any) -> str:
-    if not isinstance(ts, int | float):
-        return "-"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _cell(value: Any, key: str) -> str:
-    if value is None:
-        return "-"
-    if key.endswith("_at") or key in ("deadline", "last_seen"):
-        return _when(value)
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    cells = [[_cell(r.get(c), c) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def emit(args: argparse.Namespace, rows: list[dict[str, Any]], columns: Sequence[str]) -> int:
@@ -239,7 +215,7 @@ def cmd_pilots(args: argparse.Namespace) -> int:
 
     with session_of(args) as s:
         rows = admin.list_pilots(s, limit=args.limit)
-    return emit(args, rows, ["id", "state", "host", "queues", "job_id", "jobs_done", "last_seen"])
+    return emit(args, rows, ["id", "state", "host", "queues", "job_id", "jobs_done", "last_seen", "problem"])
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -306,7 +282,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     print(
         f"purge: {verb} {counts.files} files, {counts.workflows} workflows, {counts.jobs} jobs, "
         f"{counts.pilots} pilots, {counts.templates} template versions, {counts.output_dirs} output dirs, "
-        f"{counts.log_files} log files, {counts.log_dirs} log dirs older than {_when(cutoff)} UTC "
+        f"{counts.log_files} log files, {counts.log_dirs} log dirs older than {when(cutoff)} UTC "
         f"in {counts.batches} batch(es)"
     )
     return EXIT_OK

@@ -28,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from p3s.errors import DatabaseUnavailable
+from p3s.errors import ConfigError, DatabaseRefused, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,8 @@ class Job(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[float] = mapped_column(Float, index=True)
     queued_at: Mapped[float | None] = mapped_column(Float)
+    # When the broker confirmed the job's task; NULL while queued means it may never have got there.
+    published_at: Mapped[float | None] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float)
 
@@ -147,9 +149,11 @@ class Pilot(Base):
     queues: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), index=True)
     started_at: Mapped[float] = mapped_column(Float)
-    last_seen: Mapped[float] = mapped_column(Float, index=True)
+    last_seen: Mapped[float] = mapped_column(Float, index=True)  # the dispatcher's clock
+    last_sent_at: Mapped[float | None] = mapped_column(Float)  # the pilot's clock, to order its reports
     job_id: Mapped[int | None] = mapped_column(BigInteger)
     jobs_done: Mapped[int] = mapped_column(Integer, default=0)
+    problem: Mapped[str] = mapped_column(Text, default="")  # why a broken pilot takes no tasks
 
 
 def normalise_url(url: str) -> str:
@@ -194,15 +198,35 @@ def _alembic_config(url: str) -> Any:
     return cfg
 
 
+# SQLSTATEs that no waiting can cure: refused credentials, a database that does not exist.
+REFUSED_SQLSTATES = frozenset({"28000", "28P01", "3D000"})
+
+
+def refused(exc: BaseException) -> bool:
+    """True if the database answered and refused us (credentials, database name), as opposed to not answering."""
+    orig = getattr(exc, "orig", exc)
+    return getattr(orig, "sqlstate", None) in REFUSED_SQLSTATES
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    """Create or upgrade the schema at ``url`` to ``revision`` with Alembic."""
+    """Create or upgrade the schema at ``url`` to ``revision`` with Alembic.
+
+    Raises DatabaseRefused where the server refused the credentials or the
+    database name, DatabaseUnavailable where it could not be reached, and
+    ConfigError for a URL no driver understands.
+    """
     from alembic import command
 
     _sqlite_dir(url)
+    masked = make_url(normalise_url(url)).render_as_string(hide_password=True)
     try:
         command.upgrade(_alembic_config(url), revision)
     except sqlalchemy.exc.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot upgrade the database schema: {exc.orig}") from exc
+        if refused(exc):
+            raise DatabaseRefused(f"the database at {masked} refused the connection: {exc.orig}") from exc
+        raise DatabaseUnavailable(f"cannot reach the database at {masked}: {exc.orig}") from exc
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as exc:
+        raise ConfigError(f"database URL {masked} is not one p3s can use: {exc}") from exc
 
 
 def current_revision(engine: Engine) -> str | None:

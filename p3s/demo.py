@@ -16,6 +16,7 @@ from p3s.config import SourceSettings, load_settings
 from p3s.dagengine import parse_graphml
 from p3s.db import FileRecord, Job, Workflow
 from p3s.states import WorkflowState
+from p3s.tables import print_table
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ def run_demo(files: int = 5, pilots: int = 2, keep: bool = False, timeout_s: flo
             if not wfs:
                 rows.append({"file": f.name, "job": "-", "state": f.decision, "exit_code": None, "latency_s": None})
         finished = s.scalars(select(Workflow.state)).all()
-    from p3s.cli import print_table
-
     print_table(rows, ["file", "job", "state", "exit_code", "latency_s"])
     ok = len(finished) == files and all(st == WorkflowState.FINISHED for st in finished)
     print(

@@ -27,5 +27,9 @@ class DatabaseUnavailable(P3SError):
     """The database cannot be reached or its schema is not at the expected revision."""
 
 
+class DatabaseRefused(DatabaseUnavailable):
+    """The database answered and refused the credentials or the database name: waiting cannot help."""
+
+
 class NotFound(P3SError):
     """A named object (template, node, job) does not exist."""

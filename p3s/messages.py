@@ -8,15 +8,32 @@ dead-letter the body instead of failing half-way through it.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from p3s.errors import InvalidMessage
-from p3s.states import JobState
+from p3s.states import JobState, PilotState
 
 SCHEMA_VERSION = 1
+
+# What the database stores (p3s/db.py), checked here because SQLite does not:
+# a body PostgreSQL would refuse must be refused before it joins a batch.
+NAME_MAX = 512  # files.name
+LABEL_MAX = 128  # stream, source, template and node names, queue names
+PILOT_ID_MAX = 64
+HOST_MAX = 255
+PATH_MAX = 4096
+TEXT_MAX = 65536  # reasons and log paths
+BODY_MAX = 1 << 20  # no p3s message comes near a megabyte
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+ID_RANGE = (1, 2**63 - 1)
+# Seconds since the epoch: 1970 to 2100.  Anything else is a clock or a forgery.
+EPOCH_RANGE = (0.0, 4102444800.0)
+DURATION_MAX = 366 * 86400.0
 
 
 def encode(message: Any) -> bytes:
@@ -27,15 +44,25 @@ def encode(message: Any) -> bytes:
 
 
 def _load(body: bytes | str) -> dict[str, Any]:
+    if len(body) > BODY_MAX:
+        raise InvalidMessage(f"body of {len(body)} bytes is over the limit of {BODY_MAX}")
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidMessage(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidMessage("not JSON p3s can read: nested too deep") from None
     if not isinstance(data, dict):
         raise InvalidMessage("not a JSON object")
     if data.get("v") != SCHEMA_VERSION:
-        raise InvalidMessage(f"schema version {data.get('v')!r} is not {SCHEMA_VERSION}")
+        raise InvalidMessage(f"schema version {_show(data.get('v'))} is not {SCHEMA_VERSION}")
     return data
+
+
+def _show(value: Any) -> str:
+    """A value for an error message: short, and printable whatever it holds."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 _MISSING = object()
@@ -48,9 +75,41 @@ def _field(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], de
             raise InvalidMessage(f"field {name!r} is missing")
         return default
     if kind in (float, (int, float)) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise InvalidMessage(f"field {name!r} has the wrong type: {value!r}")
+        raise InvalidMessage(f"field {name!r} has the wrong type: {_show(value)}")
+    return value
+
+
+def check_text(name: str, value: str, max_len: int) -> str:
+    """``value`` if it can be stored as text: valid Unicode, no NUL, at most ``max_len`` characters."""
+    if len(value) > max_len:
+        raise InvalidMessage(f"field {name!r} is {len(value)} characters long, over the limit of {max_len}")
+    if "\0" in value:
+        raise InvalidMessage(f"field {name!r} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMessage(f"field {name!r} is not valid Unicode text (a lone surrogate)") from None
+    return value
+
+
+def _text(data: Mapping[str, Any], name: str, max_len: int, default: Any = _MISSING) -> Any:
+    value = _field(data, name, str, default)
+    return value if value is None else check_text(name, value, max_len)
+
+
+def _int(data: Mapping[str, Any], name: str, bounds: tuple[int, int], default: Any = _MISSING) -> Any:
+    value = _field(data, name, int, default)
+    if value is not None and not bounds[0] <= value <= bounds[1]:
+        raise InvalidMessage(f"field {name!r} is out of range: {_show(value)}")
+    return value
+
+
+def _number(data: Mapping[str, Any], name: str, bounds: tuple[float, float], default: Any = _MISSING) -> Any:
+    value = _field(data, name, float, default)
+    if value is not None and not (math.isfinite(value) and bounds[0] <= value <= bounds[1]):
+        raise InvalidMessage(f"field {name!r} is not a finite number in range: {_show(value)}")
     return value
 
 
@@ -70,21 +129,57 @@ class DataEvent:
 
     @classmethod
     def parse(cls, body: bytes | str) -> DataEvent:
+        """The event in ``body``; :class:`UncarriableEvent` if its name or path is not text."""
         data = _load(body)
+        name = _field(data, "name", str)
+        path = _field(data, "path", str)
+        undecodable = [what for what, value in (("name", name), ("path", path)) if _undecodable(value)]
+        if undecodable:
+            name, path = escape_undecodable(name), escape_undecodable(path)
         event = cls(
-            name=_field(data, "name", str),
-            path=_field(data, "path", str),
-            stream=_field(data, "stream", str),
-            seen_at=_field(data, "seen_at", float),
-            source=_field(data, "source", str, ""),
-            size=_field(data, "size", int, -1),
+            name=check_text("name", name, NAME_MAX),
+            path=check_text("path", path, PATH_MAX),
+            stream=_text(data, "stream", LABEL_MAX),
+            seen_at=_number(data, "seen_at", EPOCH_RANGE),
+            source=_text(data, "source", LABEL_MAX, ""),
+            size=_int(data, "size", (-1, INT64[1]), -1),
             force=_field(data, "force", bool, False),
             by_hand=_field(data, "by_hand", bool, False),
-            template=_field(data, "template", str, ""),
+            template=_text(data, "template", LABEL_MAX, ""),
         )
         if not event.name or "/" in event.name:
-            raise InvalidMessage(f"field 'name' is not a file name: {event.name!r}")
+            raise InvalidMessage(f"field 'name' is not a file name: {_show(event.name)}")
+        if undecodable:
+            raise UncarriableEvent(
+                event, f"file {' and '.join(undecodable)} not valid UTF-8: it cannot be given to a payload as text"
+            )
         return event
+
+
+class UncarriableEvent(InvalidMessage):
+    """An event for a real file that p3s cannot carry (its name is not text): recorded as ``refused``.
+
+    ``event`` holds the name and path with the undecodable bytes written as
+    ``\\xNN``, so the file is still on record under a readable name.
+    """
+
+    def __init__(self, event: DataEvent, reason: str) -> None:
+        super().__init__(reason)
+        self.event = event
+        self.reason = reason
+
+
+def _undecodable(value: str) -> bool:
+    """True if ``value`` carries bytes that were not UTF-8 (os.fsdecode turns them into U+DC80-U+DCFF)."""
+    return not value.isascii() and any("\udc80" <= c <= "\udcff" for c in value)
+
+
+def escape_undecodable(value: str) -> str:
+    """``value`` with the bytes os.fsdecode could not decode written as ``\\xNN``."""
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -113,24 +208,29 @@ class Task:
         argv = _field(data, "argv", list)
         if not argv or not all(isinstance(a, str) for a in argv):
             raise InvalidMessage("field 'argv' must be a non-empty list of strings")
+        for arg in argv:
+            check_text("argv", arg, TEXT_MAX)
         env = _field(data, "env", dict, {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise InvalidMessage("field 'env' must map strings to strings")
+        for key, value in env.items():
+            check_text("env", key, LABEL_MAX)
+            check_text("env", value, TEXT_MAX)
         return cls(
-            job_id=_field(data, "job_id", int),
-            workflow_id=_field(data, "workflow_id", int),
-            template=_field(data, "template", str),
-            node=_field(data, "node", str),
+            job_id=_int(data, "job_id", ID_RANGE),
+            workflow_id=_int(data, "workflow_id", ID_RANGE),
+            template=_text(data, "template", LABEL_MAX),
+            node=_text(data, "node", LABEL_MAX),
             argv=argv,
             values=_field(data, "values", dict, {}),
             env=env,
-            queue=_field(data, "queue", str),
-            priority=_field(data, "priority", int),
-            wall_s=_field(data, "wall_s", float),
-            deadline=_field(data, "deadline", float),
-            seen_at=_field(data, "seen_at", float),
-            enqueued_at=_field(data, "enqueued_at", float),
-            expected_s=_field(data, "expected_s", float, 0.0),
+            queue=_text(data, "queue", LABEL_MAX),
+            priority=_int(data, "priority", (0, 255)),
+            wall_s=_number(data, "wall_s", (0.0, DURATION_MAX)),
+            deadline=_number(data, "deadline", EPOCH_RANGE),
+            seen_at=_number(data, "seen_at", EPOCH_RANGE),
+            enqueued_at=_number(data, "enqueued_at", EPOCH_RANGE),
+            expected_s=_number(data, "expected_s", (0.0, DURATION_MAX), 0.0),
             stage_in=_field(data, "stage_in", bool, False),
         )
 
@@ -162,22 +262,23 @@ class JobReport:
         try:
             JobState(state)
         except ValueError:
-            raise InvalidMessage(f"field 'state' is not a job state: {state!r}") from None
+            raise InvalidMessage(f"field 'state' is not a job state: {_show(state)}") from None
         return cls(
-            job_id=_field(data, "job_id", int),
+            job_id=_int(data, "job_id", ID_RANGE),
             state=state,
-            pilot_id=_field(data, "pilot_id", str),
-            sent_at=_field(data, "sent_at", float),
-            exit_code=_field(data, "exit_code", int, None),
-            log=_field(data, "log", str, ""),
-            reason=_field(data, "reason", str, ""),
-            started_at=_field(data, "started_at", float, None),
-            ended_at=_field(data, "ended_at", float, None),
+            pilot_id=_text(data, "pilot_id", PILOT_ID_MAX),
+            sent_at=_number(data, "sent_at", EPOCH_RANGE),
+            exit_code=_int(data, "exit_code", INT32, None),
+            log=_text(data, "log", TEXT_MAX, ""),
+            reason=_text(data, "reason", TEXT_MAX, ""),
+            started_at=_number(data, "started_at", EPOCH_RANGE, None),
+            ended_at=_number(data, "ended_at", EPOCH_RANGE, None),
             redelivered=_field(data, "redelivered", bool, False),
         )
 
 
 PILOT_EVENTS = ("register", "heartbeat", "stop")
+PILOT_REPORTED_STATES = frozenset({PilotState.IDLE, PilotState.BUSY, PilotState.BROKEN})
 
 
 @dataclass(frozen=True)
@@ -203,18 +304,28 @@ class PilotReport:
     def from_dict(cls, data: Mapping[str, Any]) -> PilotReport:
         event = _field(data, "event", str)
         if event not in PILOT_EVENTS:
-            raise InvalidMessage(f"field 'event' is not a pilot event: {event!r}")
+            raise InvalidMessage(f"field 'event' is not a pilot event: {_show(event)}")
+        state = _field(data, "state", str)
+        if state not in PILOT_REPORTED_STATES:
+            raise InvalidMessage(f"field 'state' is not a state a pilot reports: {_show(state)}")
+        queues = _field(data, "queues", list)
+        if not all(isinstance(q, str) for q in queues):
+            raise InvalidMessage(f"field 'queues' must be a list of queue names: {_show(queues)}")
+        for queue in queues:
+            check_text("queues", queue, LABEL_MAX)
+        if len(queues) > 100:
+            raise InvalidMessage(f"field 'queues' names {len(queues)} queues, over the limit of 100")
         return cls(
-            pilot_id=_field(data, "pilot_id", str),
+            pilot_id=_text(data, "pilot_id", PILOT_ID_MAX),
             event=event,
-            host=_field(data, "host", str),
-            pid=_field(data, "pid", int),
-            queues=_field(data, "queues", list),
-            state=_field(data, "state", str),
-            sent_at=_field(data, "sent_at", float),
-            job_id=_field(data, "job_id", int, None),
-            jobs_done=_field(data, "jobs_done", int, 0),
-            problem=_field(data, "problem", str, ""),
+            host=_text(data, "host", HOST_MAX),
+            pid=_int(data, "pid", (0, INT32[1])),
+            queues=queues,
+            state=state,
+            sent_at=_number(data, "sent_at", EPOCH_RANGE),
+            job_id=_int(data, "job_id", ID_RANGE, None),
+            jobs_done=_int(data, "jobs_done", (0, INT32[1]), 0),
+            problem=_text(data, "problem", TEXT_MAX, ""),
         )
 
 

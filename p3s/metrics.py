@@ -32,6 +32,10 @@ INVALID_MESSAGES = Counter(
     "p3s_invalid_messages", "Message bodies refused and dead-lettered to p3s.invalid.", ["queue"]
 )
 TASKS_ENQUEUED = Counter("p3s_tasks_enqueued", "Tasks published to a task queue.", ["queue"])
+TASKS_UNCONFIRMED = Counter(
+    "p3s_tasks_unconfirmed", "Tasks the broker did not confirm: published again later, or their jobs ended."
+)
+DUPLICATE_STARTS = Counter("p3s_jobs_started_twice", "Running reports for a job another pilot already runs.")
 DISPATCHER_ERRORS = Counter(
     "p3s_dispatcher_errors", "Batches the dispatcher could not record and handed back.", ["kind"]
 )

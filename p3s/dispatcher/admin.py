@@ -214,6 +214,7 @@ def list_pilots(session: Session, limit: int = 100) -> list[dict[str, Any]]:
             "jobs_done": p.jobs_done,
             "started_at": p.started_at,
             "last_seen": p.last_seen,
+            "problem": p.problem,
         }
         for p in rows
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from p3s.db import FileRecord, Job, Pilot, Workflow
@@ -54,7 +54,7 @@ def run_audit(session: Session, now: float, grace_s: float) -> Audit:
         report.streams.append(row)
         unknown = sorted(set(counts) - set(decisions))
         if unknown or seen != sum(row[d] for d in decisions):
-            report._problem(f"stream {stream}: files without one of the four decisions", unknown)
+            report._problem(f"stream {stream}: files without one of the {len(decisions)} decisions", unknown)
 
     # An accepted file has a workflow, or says why not.
     orphans = session.scalars(
@@ -80,6 +80,28 @@ def run_audit(session: Session, now: float, grace_s: float) -> Audit:
     report._problem(
         f"jobs still active more than {grace_s:g}s past their deadline",
         [f"job {i} ({node}) {state} {now - dl:.0f}s late" for i, node, state, dl in stale],
+    )
+
+    # A deadline is a time: a NaN or an infinity would never be reaped.  (PostgreSQL
+    # sorts NaN above infinity; SQLite stores NaN as NULL.)
+    endless = session.scalars(
+        select(Job.id)
+        .where(or_(Job.deadline.is_(None), Job.deadline >= float("inf"), Job.deadline <= float("-inf")))
+        .order_by(Job.id)
+        .limit(1000)
+    ).all()
+    report._problem("jobs with a deadline that is not a finite time", [f"job {i}" for i in endless])
+
+    # A queued job's task reached the broker, or the job will end saying it did not.
+    unconfirmed = session.scalars(
+        select(Job.id)
+        .where(Job.state == JobState.QUEUED, Job.published_at.is_(None), Job.queued_at < now - grace_s)
+        .order_by(Job.id)
+        .limit(1000)
+    ).all()
+    report._problem(
+        f"jobs queued more than {grace_s:g}s ago whose task the broker never confirmed",
+        [f"job {i}" for i in unconfirmed],
     )
 
     # A terminal job says when it ended; a dropped one says why.

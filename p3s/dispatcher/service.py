@@ -1,38 +1,52 @@
 """The dispatcher daemon: consumes events, status reports and dead letters, in batches.
 
-One transaction per batch, then the tasks it made are published with confirms,
-then the batch's messages are acked.  So a crash before the commit loses
-nothing (RabbitMQ redelivers), and a crash after it is recognised on
-redelivery (the event is already recorded).  A committed job whose task never
-reached the broker is expired by the reaper at its deadline: counted, not lost.
+One transaction per batch, then the tasks it made are published with confirms
+and marked published, then the batch's messages are acked.  So a crash before
+the commit loses nothing (RabbitMQ redelivers), and a crash after it is
+recognised on redelivery: the messages are already recorded, and the tasks
+they made that the broker never confirmed are published then.
+
+Every message ends in exactly one of three ways: recorded and acked; refused
+to ``p3s.invalid`` with the reason in a header (it cannot be parsed, the
+database refuses it, or handling it raised something unexpected); or kept
+until a server that failed (not the message) is back.  Nothing is requeued for
+ever, and no message stops the consumer.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kombu import Connection
 from kombu.message import Message
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from p3s import broker, metrics, topology
 from p3s.broker import Outgoing, Publisher
 from p3s.config import Settings
 from p3s.db import Job, Pilot
-from p3s.dispatcher import records
+from p3s.dispatcher import intake, jobs, pilots, reaper
+from p3s.dispatcher.catalogue import Catalogue
+from p3s.dispatcher.context import Context, IdAllocator
 from p3s.errors import BrokerUnavailable, ConfigError, InvalidMessage
-from p3s.messages import DataEvent, JobReport, PilotReport, Task, encode, parse_status
+from p3s.messages import DataEvent, JobReport, PilotReport, Task, UncarriableEvent, encode, parse_status
 from p3s.states import JobState, PilotState
 
 log = logging.getLogger(__name__)
 
 DEADLINE_HEADER = "p3s-deadline"
+REASON_HEADER = "p3s-reason"
+QUEUE_HEADER = "p3s-queue"
+REASON_MAX = 1000
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 10.0
 
 
 def task_message(task: Task, now: float) -> Outgoing:
@@ -55,6 +69,33 @@ def death_reason(message: Message) -> str:
     return "unknown"
 
 
+def redelivered(message: Message) -> bool:
+    return bool((getattr(message, "delivery_info", None) or {}).get("redelivered"))
+
+
+def printable(text: str, limit: int = REASON_MAX) -> str:
+    """``text`` safe for a header or a log line: valid UTF-8, no NUL, bounded."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\0", "\\0")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class DatabaseLost(Exception):
+    """The database did not answer (not: refused the batch); the batch waits and is tried again."""
+
+
+class Refused(Exception):
+    """The database refused the batch, or handling it raised: split it to find the message at fault."""
+
+
+@dataclass
+class Item:
+    """A message taken from a queue, with what was parsed from it."""
+
+    message: Message
+    payload: Any
+    note: str = ""  # an event's refusal reason, or a dead letter's death reason
+
+
 class Dispatcher(broker.ReconnectingConsumer):
     """Turns data events into workflows and pilots' reports into job states."""
 
@@ -70,15 +111,22 @@ class Dispatcher(broker.ReconnectingConsumer):
         self.connection = connection
         self._reload_settings = reload_settings
         self.publisher = Publisher(settings.broker, exchanges=[topology.tasks_exchange, topology.invalid_exchange])
+        self.catalogue = Catalogue()
+        self.ids = IdAllocator()
         self.should_stop = False
         self.reload_requested = False
-        self._events: list[tuple[Message, DataEvent]] = []
-        self._status: list[tuple[Message, JobReport | PilotReport]] = []
-        self._expired: list[tuple[Message, Task, str]] = []
+        self._events: list[Item] = []
+        self._status: list[Item] = []
+        self._expired: list[Item] = []
+        # Messages whose tasks the broker did not take: handed back after a pause,
+        # so their redelivery publishes those tasks; (monotonic time, messages).
+        self._held_back: list[tuple[float, list[Message]]] = []
         self._declared: set[str] = set()
         self._next_reap = 0.0
         self._dead_letters = True
         self._live = connection
+        self._db_wait_until = 0.0
+        self._db_backoff = BACKOFF_START_S
         self.overloaded = False
 
     # -- kombu hooks --------------------------------------------------------
@@ -96,15 +144,16 @@ class Dispatcher(broker.ReconnectingConsumer):
 
     def on_connection_revived(self) -> None:
         # Messages buffered from a channel that died can no longer be acked:
-        # RabbitMQ redelivers them, and recording is idempotent.  Cleared here,
-        # before consuming starts, because deliveries may arrive as soon as the
-        # consumers exist.
+        # RabbitMQ redelivers them, recording is idempotent, and the redelivery
+        # publishes what their first handling committed but never published.
+        # Cleared here, before consuming starts, because deliveries may arrive
+        # as soon as the consumers exist.
         self._events.clear()
         self._status.clear()
         self._expired.clear()
+        self._held_back.clear()
         # The publisher's connection died with the broker too, even if nothing
-        # was published meanwhile: its first publish would fail, and the tasks
-        # of a whole batch with it.
+        # was published meanwhile: its first publish would fail.
         self.publisher.close()
 
     def on_consume_ready(self, connection: Connection, channel: Any, consumers: Any, **kwargs: Any) -> None:
@@ -123,19 +172,22 @@ class Dispatcher(broker.ReconnectingConsumer):
         with self.consumer_context(**kwargs) as (conn, _channel, _consumers):
             while not self.should_stop:
                 self.on_iteration()
-                waiting = self._waiting()
+                waiting = self._waiting() and not self._database_wait()
                 got = True
                 try:
                     # While a batch is open, only take what has already arrived (timeout
-                    # 0: a non-blocking read; any positive timeout is rounded up to a
-                    # millisecond by poll()).  Under load batches fill by themselves
+                    # 0: a non-blocking read).  Under load batches fill by themselves
                     # while a transaction runs; when idle, a wait here would be added
-                    # to every file's latency.
-                    conn.drain_events(timeout=0 if waiting else safety_interval)
+                    # to every file's latency.  While the database is away, wait (and
+                    # heartbeat) instead of spinning.
+                    conn.drain_events(timeout=0 if waiting else min(safety_interval, self._database_wait() or 1e9))
                 except TimeoutError:
-                    conn.heartbeat_check()
                     got = False
-                if self._waiting() and (not got or self._waiting() >= self.settings.dispatcher.batch_size):
+                # Every turn: a consumer that is always busy never times out above.
+                conn.heartbeat_check()
+                if self._waiting() and not self._database_wait() and (
+                    not got or self._waiting() >= self.settings.dispatcher.batch_size
+                ):
                     self.flush()
                 yield
             self.flush()
@@ -144,8 +196,9 @@ class Dispatcher(broker.ReconnectingConsumer):
         if self.reload_requested:
             self.reload_requested = False
             self._reload()
+        self._hand_back_held()
         now = time.time()
-        if now >= self._next_reap:
+        if now >= self._next_reap and not self._database_wait():
             self._next_reap = now + self.settings.dispatcher.reap_interval_s
             self.flush()
             self.reap(now)
@@ -156,124 +209,214 @@ class Dispatcher(broker.ReconnectingConsumer):
         return len(self._events) + len(self._status) + len(self._expired)
 
     def _on_event(self, message: Message) -> None:
-        try:
-            self._events.append((message, DataEvent.parse(message.body)))
-        except InvalidMessage as exc:
-            self._refuse(message, topology.events_queue.name, exc)
+        def parse() -> None:
+            try:
+                self._events.append(Item(message, DataEvent.parse(message.body)))
+            except UncarriableEvent as exc:
+                self._events.append(Item(message, exc.event, exc.reason))
+
+        self._take(message, topology.events_queue.name, parse)
 
     def _on_status(self, message: Message) -> None:
-        try:
-            self._status.append((message, parse_status(message.body)))
-        except InvalidMessage as exc:
-            self._refuse(message, topology.status_queue.name, exc)
+        self._take(message, topology.status_queue.name,
+                   lambda: self._status.append(Item(message, parse_status(message.body))))
 
     def _on_expired(self, message: Message) -> None:
-        try:
-            self._expired.append((message, Task.parse(message.body), death_reason(message)))
-        except InvalidMessage as exc:
-            self._refuse(message, topology.expired_queue.name, exc)
+        self._take(message, topology.expired_queue.name,
+                   lambda: self._expired.append(Item(message, Task.parse(message.body), death_reason(message))))
 
-    def _refuse(self, message: Message, queue: str, exc: InvalidMessage) -> None:
-        """Dead-letter a body we cannot read; never requeue it, never stop for it."""
-        metrics.INVALID_MESSAGES.labels(queue).inc()
-        log.warning("%s: message refused to p3s.invalid: %s", queue, exc)
-        if self._dead_letters:
-            message.reject(requeue=False)
-            return
-        # kombu's in-process transport has no dead-letter exchange: do its job.
-        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+    def _take(self, message: Message, queue: str, parse: Callable[[], None]) -> None:
+        """Parse a delivery into its buffer; refuse it, whatever goes wrong, without stopping."""
         try:
-            self.publisher.publish([Outgoing(topology.invalid_exchange, "", body, headers={"p3s-queue": queue})])
-        except BrokerUnavailable:
-            log.exception("%s: could not keep the refused message", queue)
-        message.ack()
+            parse()
+        except InvalidMessage as exc:
+            self._refuse(message, queue, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a message handler is total (STYLE 15)
+            log.error("%s: unexpected error reading a message; refused to p3s.invalid", queue, exc_info=True)
+            self._refuse(message, queue, f"unexpected error: {exc!r}")
+
+    def _refuse(self, message: Message, queue: str, reason: str) -> None:
+        """Keep a body we cannot use in p3s.invalid, with the reason; never requeue it, never stop for it."""
+        reason = printable(reason)
+        metrics.INVALID_MESSAGES.labels(queue).inc()
+        log.warning("%s: message refused to p3s.invalid: %s", queue, reason)
+        body = message.body if isinstance(message.body, bytes) else str(message.body).encode("utf-8", "replace")
+        try:
+            self.publisher.publish(
+                [Outgoing(topology.invalid_exchange, "", body, headers={REASON_HEADER: reason, QUEUE_HEADER: queue})]
+            )
+        except BrokerUnavailable as exc:
+            if self._dead_letters:
+                # The queue dead-letters to p3s.invalid itself: the body is kept, without our reason.
+                log.warning("%s: could not publish the refused message (%s); dead-lettering it instead", queue, exc)
+                self._settle(message.reject, requeue=False)
+                return
+            log.error("%s: could not keep the refused message: %s", queue, exc)
+        self._settle(message.ack)
+
+    @staticmethod
+    def _settle(action: Callable[..., None], **kwargs: Any) -> bool:
+        try:
+            action(**kwargs)
+        except broker.CONNECTION_ERRORS:
+            log.warning("dispatcher: ack lost with the connection; the redelivery will be recognised")
+            return False
+        return True
 
     # -- recording ------------------------------------------------------------
 
     def flush(self) -> None:
         """Record every buffered message, publish what it made ready, ack."""
-        if self._events:
-            batch, self._events = self._events, []
-            self._record([m for m, _ in batch], lambda s, ctx: records.record_events(s, [e for _, e in batch], ctx))
-        if self._status:
-            batch2, self._status = self._status, []
-            self._record([m for m, _ in batch2], lambda s, ctx: self._apply_reports(s, [r for _, r in batch2], ctx))
-        if self._expired:
-            batch3, self._expired = self._expired, []
+        for buffer, work, queue in (
+            (self._events, self._record_events, topology.events_queue.name),
+            (self._status, self._apply_reports, topology.status_queue.name),
+            (self._expired, self._expire, topology.expired_queue.name),
+        ):
+            if buffer and not self._database_wait():
+                items = buffer[:]
+                buffer.clear()
+                self._record(items, work, buffer, queue)
 
-            def expire(s: Session, ctx: records.Context) -> list[Task]:
-                out: list[Task] = []
-                for _m, task, reason in batch3:
-                    out.extend(records.expire_task(s, task, reason, ctx))
-                return out
+    def _record_events(self, session: Session, items: Sequence[Item], ctx: Context) -> list[Task]:
+        return intake.record_events(session, [i.payload for i in items], ctx, [i.note for i in items])
 
-            self._record([m for m, *_ in batch3], expire)
-
-    @staticmethod
-    def _apply_reports(session: Session, reports: list[JobReport | PilotReport], ctx: records.Context) -> list[Task]:
+    def _apply_reports(self, session: Session, items: Sequence[Item], ctx: Context) -> list[Task]:
         tasks: list[Task] = []
         ended = False
-        for report in reports:
+        again: set[int] = set()
+        for item in items:
+            report = item.payload
             if isinstance(report, PilotReport):
-                records.apply_pilot_report(session, report, ctx)
-            else:
-                tasks.extend(records.apply_job_report(session, report, ctx))
-                ended = ended or JobState(report.state).terminal
+                pilots.apply_pilot_report(session, report, ctx)
+                continue
+            tasks.extend(jobs.apply_job_report(session, report, ctx))
+            ended = ended or JobState(report.state).terminal
+            if redelivered(item.message):
+                again.add(report.job_id)
         if ended:
             # A job that ended may have freed a slot of a stage with max_running.
-            tasks.extend(records.release_held(session, ctx))
+            tasks.extend(jobs.release_held(session, ctx))
+        tasks.extend(jobs.unpublished_tasks(session, ctx, jobs.workflows_of_jobs(session, again)))
         return tasks
 
-    def _record(self, messages: list[Message], work: Callable[[Session, records.Context], list[Task]]) -> None:
+    def _expire(self, session: Session, items: Sequence[Item], ctx: Context) -> list[Task]:
+        tasks: list[Task] = []
+        for item in items:
+            tasks.extend(jobs.expire_task(session, item.payload, item.note, ctx))
+        again = {i.payload.job_id for i in items if redelivered(i.message)}
+        tasks.extend(jobs.unpublished_tasks(session, ctx, jobs.workflows_of_jobs(session, again)))
+        return tasks
+
+    def _context(self, now: float | None = None) -> Context:
+        return Context(self.settings, now=time.time() if now is None else now, overloaded=self.overloaded,
+                       catalogue=self.catalogue, ids=self.ids)
+
+    def _record(
+        self,
+        items: list[Item],
+        work: Callable[[Session, Sequence[Item], Context], list[Task]],
+        buffer: list[Item],
+        queue: str,
+    ) -> None:
+        """Record ``items`` in one transaction; if the database refuses it, halve it until the culprit is alone."""
+        try:
+            ctx, tasks = self._commit(lambda s, c: work(s, items, c))
+        except DatabaseLost as exc:
+            # Kept, unacked, in order, and tried again after a pause; the consumer
+            # goes on heartbeating meanwhile.
+            buffer[:0] = items
+            self._database_lost(exc, len(items))
+            return
+        except Refused as exc:
+            if len(items) == 1:
+                self._refuse(items[0].message, queue, str(exc))
+                return
+            half = len(items) // 2
+            log.info("dispatcher: a batch of %d was refused (%s); recording it in halves", len(items), exc)
+            self._record(items[:half], work, buffer, queue)
+            self._record(items[half:], work, buffer, queue)
+            return
+        self._database_back()
+        ctx.committed()
+        self._publish_and_ack(tasks, [i.message for i in items], ctx.now)
+
+    def _commit(self, work: Callable[[Session, Context], list[Task]]) -> tuple[Context, list[Task]]:
+        """Run ``work`` in a transaction and commit; a race with another dispatcher is tried again."""
+        last: Exception | None = None
         for attempt in range(3):
-            ctx = records.Context(self.settings, now=time.time(), overloaded=self.overloaded)
+            ctx = self._context()
             try:
                 with Session(self.engine) as session, session.begin():
                     tasks = work(session, ctx)
-                break
-            except IntegrityError:
+                return ctx, tasks
+            except IntegrityError as exc:
                 # Another dispatcher claimed a file name in the same instant:
                 # on the next try the name is known and recorded as a duplicate.
                 log.info("dispatcher: batch raced another dispatcher, retrying (%d)", attempt + 1)
+                last = exc
+            except (OperationalError, DBAPIError) as exc:
+                if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                    raise DatabaseLost(str(exc.orig or exc)) from exc
+                raise Refused(f"the database refused it: {printable(str(exc.orig or exc))}") from exc
             except SQLAlchemyError as exc:
-                metrics.DISPATCHER_ERRORS.labels("database").inc()
-                log.error("dispatcher: database error, %d message(s) handed back: %s", len(messages), exc)
-                self._give_back(messages)
-                time.sleep(1.0)
-                return
-        else:
-            self._give_back(messages)
+                raise Refused(f"the database refused it: {printable(str(exc))}") from exc
+            except Exception as exc:  # noqa: BLE001 - a message handler is total (STYLE 15)
+                log.error("dispatcher: unexpected error recording a batch", exc_info=True)
+                raise Refused(f"unexpected error: {exc!r}") from exc
+        raise Refused(f"the database refused it: {printable(str(last))}")
+
+    def _database_wait(self) -> float:
+        """Seconds until the database is tried again after a failure (0: not waiting)."""
+        return max(0.0, self._db_wait_until - time.monotonic())
+
+    def _database_lost(self, exc: BaseException, waiting: int) -> None:
+        metrics.DISPATCHER_ERRORS.labels("database").inc()
+        log.warning("dispatcher: database unavailable (%s); %d message(s) wait, trying again in %.1fs",
+                    printable(str(exc), 300), waiting, self._db_backoff)
+        self._db_wait_until = time.monotonic() + self._db_backoff
+        self._db_backoff = min(self._db_backoff * 2, BACKOFF_MAX_S)
+
+    def _database_back(self) -> None:
+        if self._db_backoff > BACKOFF_START_S:
+            log.warning("dispatcher: database available again")
+        self._db_backoff = BACKOFF_START_S
+
+    def _publish_and_ack(self, tasks: list[Task], messages: list[Message], now: float) -> None:
+        if tasks and not self.publish(tasks, now):
+            # The jobs stay queued and unpublished.  The messages go back after a
+            # pause; when they come again, their unpublished tasks are published.
+            self._held_back.append((time.monotonic() + self._db_backoff, messages))
             return
-        self.publish(tasks, ctx.now)
         for message in messages:
-            try:
-                message.ack()
-            except broker.CONNECTION_ERRORS:
-                log.warning("dispatcher: ack lost with the connection; the redelivery will be recognised")
+            if not self._settle(message.ack):
                 return
 
-    @staticmethod
-    def _give_back(messages: list[Message]) -> None:
-        for message in messages:
-            try:
-                message.requeue()
-            except broker.CONNECTION_ERRORS:
-                return
+    def _hand_back_held(self) -> None:
+        now = time.monotonic()
+        due = [batch for at, batch in self._held_back if at <= now]
+        if not due:
+            return
+        self._held_back = [(at, batch) for at, batch in self._held_back if at > now]
+        for batch in due:
+            for message in batch:
+                if not self._settle(message.requeue):
+                    return
 
-    def publish(self, tasks: list[Task], now: float) -> None:
-        """Publish tasks after their jobs were committed as queued."""
+    def publish(self, tasks: list[Task], now: float) -> bool:
+        """Publish tasks after their jobs were committed as queued; mark them published; False if not."""
         if not tasks:
-            return
-        for queue in {t.queue for t in tasks} - self._declared:
-            topology.declare(self._live, [topology.task_queue(queue, self.settings.broker.max_queue_length)])
-            self._declared.add(queue)
+            return True
         try:
+            for queue in {t.queue for t in tasks} - self._declared:
+                topology.declare(self._live, [topology.task_queue(queue, self.settings.broker.max_queue_length)])
+                self._declared.add(queue)
             self.publisher.publish(task_message(t, now) for t in tasks)
-        except BrokerUnavailable as exc:
-            # The jobs stay queued in the database; the reaper expires them at their deadline.
+        except (BrokerUnavailable, *broker.CONNECTION_ERRORS) as exc:
             metrics.DISPATCHER_ERRORS.labels("publish").inc()
-            log.error("dispatcher: %d task(s) not published, they will expire: %s", len(tasks), exc)
-            return
+            metrics.TASKS_UNCONFIRMED.inc(len(tasks))
+            log.error("dispatcher: %d task(s) not confirmed by the broker, kept to publish again: %s",
+                      len(tasks), exc)
+            return False
         for task in tasks:
             # Labelled with the broker's queue name, as p3s_queue_depth is.
             metrics.TASKS_ENQUEUED.labels(topology.task_queue(task.queue).name).inc()
@@ -284,25 +427,35 @@ class Dispatcher(broker.ReconnectingConsumer):
                 task.priority,
                 task.deadline - now,
             )
+        try:
+            with Session(self.engine) as session, session.begin():
+                jobs.mark_published(session, [t.job_id for t in tasks], time.time())
+        except SQLAlchemyError as exc:
+            # They are in the broker's queues; only a later redelivery could be misled.
+            log.warning("dispatcher: could not mark %d task(s) published: %s", len(tasks), exc)
+        return True
 
     # -- periodic -------------------------------------------------------------
 
     def reap(self, now: float) -> None:
         """Expire late jobs, declare silent pilots lost, fill freed slots, refresh gauges."""
-        ctx = records.Context(self.settings, now=now)
         try:
-            with Session(self.engine) as session, session.begin():
-                tasks = records.reap(session, ctx)
-            self.publish(tasks, ctx.now)
-            self._refresh_gauges(now)
-        except SQLAlchemyError as exc:
+            ctx, tasks = self._commit(lambda s, c: reaper.reap(s, c))
+        except (DatabaseLost, Refused) as exc:
             metrics.DISPATCHER_ERRORS.labels("database").inc()
             log.error("dispatcher: reaper could not run: %s", exc)
+            return
+        ctx.committed()
+        self.publish(tasks, ctx.now)
+        try:
+            self._refresh_gauges(now)
+        except SQLAlchemyError as exc:
+            log.error("dispatcher: gauges not refreshed: %s", exc)
 
     def _refresh_gauges(self, now: float) -> None:
         """Queue depths, pilots and the oldest queued task; and whether to shed new files."""
         with Session(self.engine) as session:
-            metrics.export_templates(tpl for _rec, tpl in records.load_catalogue(session).active)
+            metrics.export_templates(tpl for _rec, tpl in self.catalogue.active(session).templates)
             for state in PilotState:
                 count = session.scalar(select(func.count()).select_from(Pilot).where(Pilot.state == state))
                 metrics.PILOTS.labels(state).set(count or 0)

@@ -12,7 +12,9 @@ from sqlalchemy.orm import Session
 
 from p3s import db
 from p3s.dagengine import parse_graphml
-from p3s.dispatcher import admin, records
+from p3s.dispatcher import admin, intake, reaper
+from p3s.dispatcher.jobs import apply_job_report, expire_task, mark_published
+from p3s.dispatcher.context import Context
 from p3s.dispatcher.audit import run_audit
 from p3s.dispatcher.sampling import keep
 from p3s.errors import NotFound
@@ -30,8 +32,8 @@ def engine(tmp_path: Path) -> Iterator:
     eng.dispose()
 
 
-def ctx(tmp_path: Path, **env: str) -> records.Context:
-    return records.Context(make_settings(tmp_path, **env))
+def ctx(tmp_path: Path, **env: str) -> Context:
+    return Context(make_settings(tmp_path, **env))
 
 
 def event(name: str, **kw: object) -> DataEvent:
@@ -44,14 +46,14 @@ def add_template(engine, text: str, name: str) -> None:
         admin.import_template(s, parse_graphml(text, name=name))
 
 
-def record(engine, events: list[DataEvent], c: records.Context) -> list:
+def record(engine, events: list[DataEvent], c: Context) -> list:
     with Session(engine) as s, s.begin():
-        return records.record_events(s, events, c)
+        return intake.record_events(s, events, c)
 
 
-def report(engine, job_id: int, state: JobState, c: records.Context, **kw: object) -> list:
+def report(engine, job_id: int, state: JobState, c: Context, **kw: object) -> list:
     with Session(engine) as s, s.begin():
-        return records.apply_job_report(s, JobReport(job_id, state, "pilot-1", **kw), c)  # type: ignore[arg-type]
+        return apply_job_report(s, JobReport(job_id, state, "pilot-1", **kw), c)  # type: ignore[arg-type]
 
 
 def jobs(engine) -> dict[str, dict]:
@@ -118,10 +120,62 @@ def test_decisions_duplicate_sampled_out_and_forced(engine, tmp_path: Path) -> N
 def test_redelivered_event_is_recorded_once(engine, tmp_path: Path) -> None:
     add_template(engine, graphml({"m": {"command": "true"}}), "monitor")
     ev = event("f1")
-    assert len(record(engine, [ev], ctx(tmp_path))) == 1
+    (task,) = record(engine, [ev], ctx(tmp_path))
+    with Session(engine) as s, s.begin():
+        mark_published(s, [task.job_id], time.time())
     assert record(engine, [ev], ctx(tmp_path)) == [], "the same event again is a redelivery, not a new sighting"
     with Session(engine) as s:
         assert len(admin.list_files(s)) == 1
+
+
+def test_redelivered_event_publishes_the_task_the_broker_never_confirmed(engine, tmp_path: Path) -> None:
+    """A dispatcher killed between its commit and its publish: the redelivery publishes the task, once."""
+    add_template(engine, graphml({"m": {"command": "true"}}), "monitor")
+    ev = event("f1")
+    (task,) = record(engine, [ev], ctx(tmp_path))
+    (again,) = record(engine, [ev], Context(make_settings(tmp_path), now=time.time() + 1))
+    assert again.job_id == task.job_id and again.argv == task.argv
+    with Session(engine) as s:
+        assert len(admin.list_files(s)) == 1
+        assert [j["state"] for j in admin.list_jobs(s)] == ["queued"]
+    # Too late to run it: the job ends, saying why, instead of being published.
+    late = Context(make_settings(tmp_path), now=task.deadline + 1)
+    assert record(engine, [ev], late) == []
+    (job,) = jobs(engine).values()
+    assert job["state"] == "expired" and job["reason"].startswith("not published")
+
+
+def test_a_refused_file_is_recorded_with_its_reason_and_makes_nothing(engine, tmp_path: Path) -> None:
+    add_template(engine, graphml({"m": {"command": "true"}}), "monitor")
+    c = ctx(tmp_path)
+    with Session(engine) as s, s.begin():
+        tasks = intake.record_events(s, [event("run\\xff.dat"), event("good.dat")], c,
+                                     ["file name is not valid UTF-8", ""])
+    assert [t.values["input_name"] for t in tasks] == ["good.dat"]
+    with Session(engine) as s:
+        files = {f["name"]: f for f in admin.list_files(s)}
+    assert files["run\\xff.dat"]["decision"] == "refused"
+    assert files["run\\xff.dat"]["reason"] == "file name is not valid UTF-8"
+    assert files["good.dat"]["decision"] == "accepted"
+
+
+def test_counters_move_only_when_the_transaction_commits(engine, tmp_path: Path) -> None:
+    from p3s import metrics
+
+    add_template(engine, graphml({"m": {"command": "true"}}), "monitor")
+    counter = metrics.FILES.labels("raw", "accepted")
+    before = counter._value.get()
+    c = ctx(tmp_path)
+    with pytest.raises(RuntimeError), Session(engine) as s, s.begin():
+        intake.record_events(s, [event("rolled-back.dat")], c)
+        raise RuntimeError("the transaction fails after the work")
+    assert counter._value.get() == before, "nothing counted for a transaction that rolled back"
+    # The dispatcher makes a new context for each attempt: the failed one's effects go with it.
+    c = ctx(tmp_path)
+    record(engine, [event("kept.dat")], c)
+    assert counter._value.get() == before
+    c.committed()
+    assert counter._value.get() == before + 1
 
 
 def test_reports_are_idempotent_and_terminal_states_are_never_left(engine, tmp_path: Path) -> None:
@@ -153,14 +207,16 @@ def test_reaper_expires_late_jobs_and_loses_silent_pilots(engine, tmp_path: Path
                                  budget_s=1), "t")
     c = ctx(tmp_path, P3S_DISPATCHER_REAP_GRACE_S="0")
     (task,) = record(engine, [event("f1")], c)
-    later = records.Context(c.settings, now=time.time() + 5)
     with Session(engine) as s, s.begin():
-        assert records.reap(s, later) == []
+        mark_published(s, [task.job_id], time.time())
+    later = Context(c.settings, now=time.time() + 5)
+    with Session(engine) as s, s.begin():
+        assert reaper.reap(s, later) == []
     j = jobs(engine)
     assert (j["a"]["state"], j["b"]["state"]) == ("expired", "dropped")
     # A dead-letter for the same task afterwards changes nothing.
     with Session(engine) as s, s.begin():
-        assert records.expire_task(s, task, "expired", later) == []
+        assert expire_task(s, task, "expired", later) == []
     assert jobs(engine)["a"]["reason"] == "deadline passed before it started"
 
 
@@ -172,10 +228,15 @@ def test_audit_finds_what_is_wrong(engine, tmp_path: Path) -> None:
         report_ = run_audit(s, time.time() + 100, grace_s=10)
     assert not report_.ok
     assert any("past their deadline" in p for p in report_.problems)
+    assert any("never confirmed" in p for p in report_.problems), "queued tasks the broker never confirmed"
+    with Session(engine) as s, s.begin():
+        s.execute(update(db.Job).where(db.Job.id == 1).values(deadline=float("inf")))
+    with Session(engine) as s:
+        assert any("deadline that is not a finite time" in p for p in run_audit(s, time.time(), 10).problems)
     with Session(engine) as s, s.begin():
         s.execute(update(db.Job).values(state="finished", ended_at=time.time()))
     with Session(engine) as s:
         report_ = run_audit(s, time.time() + 100, grace_s=10)
     assert any("workflows whose state disagrees" in p for p in report_.problems)
     assert report_.streams == [{"stream": "raw", "seen": 2, "accepted": 2, "sampled_out": 0, "duplicate": 0,
-                                "shed": 0}]
+                                "shed": 0, "refused": 0}]

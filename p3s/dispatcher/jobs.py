@@ -1,0 +1,355 @@
+"""The job state machine: tasks made from jobs, pilots' reports, dead letters, workflows moving on.
+
+Every state change is a conditional move checked by
+:func:`p3s.dagengine.can_transition`, so a report that arrives twice, late, or
+through a second dispatcher changes nothing.  Each function runs inside the
+caller's transaction and returns the tasks to publish once it has committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from p3s import metrics
+from p3s.dagengine import Template, can_transition, plan, workflow_state
+from p3s.db import FileRecord, Job, Workflow
+from p3s.dispatcher.catalogue import Active
+from p3s.dispatcher.context import Context
+from p3s.messages import JobReport, Task
+from p3s.states import TERMINAL_JOB_STATES, JobState, WorkflowState
+
+log = logging.getLogger(__name__)
+
+NOT_PUBLISHED = "not published"
+
+
+def make_task(session: Session, ctx: Context, tpl: Template, wf: Any, job: Any, file: Any) -> Task:
+    """The task message of a queued job (``wf``, ``job`` and ``file`` are rows or look-alikes)."""
+    node = tpl.node(job.node)
+    expected = node.expected_s
+    if expected is None:
+        expected = ctx.catalogue.expected_run_time(
+            session, tpl.name, node.name, ctx.now, ctx.settings.dispatcher.expected_sample
+        )
+    return Task(
+        job_id=job.id,
+        workflow_id=wf.id,
+        template=tpl.name,
+        node=node.name,
+        argv=list(node.argv),
+        values={
+            "input": file.path,
+            "input_name": file.name,
+            "job_id": str(job.id),
+            "workflow_id": str(wf.id),
+            "outdir": ctx.outdir(wf.id, node.name),
+            "parent_outdirs": [ctx.outdir(wf.id, p) for p in tpl.parents(node.name)],
+        },
+        env=dict(node.env),
+        queue=node.queue,
+        priority=job.priority,
+        wall_s=node.wall_s,
+        deadline=job.deadline,
+        seen_at=wf.seen_at,
+        enqueued_at=ctx.now,
+        expected_s=expected,
+        stage_in=node.stage_in,
+    )
+
+
+def has_slot(session: Session, tpl: Template, node: str, taken: dict[tuple[str, str], int]) -> bool:
+    """True if one more job of this stage may be enqueued now under its max_running."""
+    cap = tpl.node(node).max_running
+    if cap is None:
+        return True
+    key = (tpl.name, node)
+    if key not in taken:
+        taken[key] = (
+            session.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.template == tpl.name, Job.node == node, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+            )
+            or 0
+        )
+    if taken[key] >= cap:
+        return False
+    taken[key] += 1
+    return True
+
+
+def enqueue(job: Job, ctx: Context, priority: int) -> None:
+    job.state = JobState.QUEUED
+    job.held = False
+    job.queued_at = ctx.now
+    job.published_at = None
+    job.priority = priority
+
+
+def finish_job(job: Job, state: JobState, ctx: Context, reason: str = "") -> None:
+    job.state = state
+    job.held = False
+    job.ended_at = job.ended_at or ctx.now
+    if reason:
+        job.reason = reason
+    template, node = job.template, job.node
+    ctx.later(metrics.JOBS.labels(template, node, state).inc)
+    if job.started_at is not None and state in (JobState.FINISHED, JobState.FAILED, JobState.TIMEOUT):
+        run_time = max(0.0, job.ended_at - job.started_at)
+        ctx.later(lambda: metrics.RUN_TIME.labels(template, node).observe(run_time))
+
+
+def advance(session: Session, wf: Workflow, ctx: Context, active: Active | None = None) -> list[Task]:
+    """Move a workflow on after one of its jobs changed: enqueue ready jobs, drop doomed ones.
+
+    The caller holds the workflow row locked, so two dispatchers handling the
+    reports of two parents cannot both miss that the join is complete.
+    """
+    tpl = ctx.catalogue.snapshot(session, wf.template_id)
+    jobs = {j.node: j for j in session.scalars(select(Job).where(Job.workflow_id == wf.id))}
+    states = {n: JobState(j.state) for n, j in jobs.items()}
+    step = plan(tpl.parents_map(), states)
+    tasks: list[Task] = []
+    for node, reason in step.dropped.items():
+        finish_job(jobs[node], JobState.DROPPED, ctx, _name_jobs(reason, jobs))
+        log.info("job %s: dropped, %s", jobs[node].id, jobs[node].reason)
+    if step.ready:
+        active = active or ctx.catalogue.active(session)
+        file = session.get(FileRecord, wf.file_id)
+        assert file is not None
+        taken: dict[tuple[str, str], int] = {}
+        for node_name in step.ready:
+            job = jobs[node_name]
+            if job.deadline <= ctx.now:
+                finish_job(job, JobState.EXPIRED, ctx, "deadline passed before its parents finished")
+                tasks.extend(advance(session, wf, ctx, active))
+                return tasks
+            if has_slot(session, tpl, node_name, taken):
+                enqueue(job, ctx, active.priority(tpl, node_name))
+                tasks.append(make_task(session, ctx, tpl, wf, job, file))
+            else:
+                job.held = True
+    state = workflow_state(JobState(j.state) for j in jobs.values())
+    if state != WorkflowState.RUNNING and wf.state == WorkflowState.RUNNING:
+        wf.state = state
+        wf.ended_at = max((j.ended_at or ctx.now) for j in jobs.values())
+        template, latency, wf_id = wf.template, max(0.0, wf.ended_at - wf.seen_at), wf.id
+        ctx.later(metrics.WORKFLOWS.labels(template, state).inc)
+        ctx.later(lambda: metrics.SEEN_TO_DONE.labels(template, state).observe(latency))
+        ctx.later(lambda: log.info("workflow %s: %s", wf_id, state))
+    return tasks
+
+
+def _name_jobs(reason: str, jobs: Mapping[str, Job]) -> str:
+    """Add the job id to the node the engine named as the cause ("parent 'reco' ...")."""
+    for node, job in jobs.items():
+        quoted = f"'{node}'"
+        if quoted in reason:
+            return reason.replace(quoted, f"{quoted} (job {job.id})", 1)
+    return reason
+
+
+def _locked_workflow(session: Session, workflow_id: int) -> Workflow:
+    return session.scalars(
+        select(Workflow).where(Workflow.id == workflow_id).with_for_update().execution_options(populate_existing=True)
+    ).one()
+
+
+def move_job(session: Session, job_id: int, new: JobState, ctx: Context, **fields: object) -> tuple[bool, list[Task]]:
+    """Move one job to ``new`` if that is a legal move; advance its workflow if it ended.
+
+    Returns whether the job moved, and the tasks of jobs that became ready.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        log.warning("job %s: report for an unknown job ignored", job_id)
+        return False, []
+    wf = _locked_workflow(session, job.workflow_id)
+    session.refresh(job)
+    old = JobState(job.state)
+    if not can_transition(old, new):
+        return False, []
+    for key, value in fields.items():
+        if value is not None:
+            setattr(job, key, value)
+    if new in TERMINAL_JOB_STATES:
+        finish_job(job, new, ctx)
+        return True, advance(session, wf, ctx)
+    job.state = new
+    return True, []
+
+
+def apply_job_report(session: Session, report: JobReport, ctx: Context) -> list[Task]:
+    """Record what a pilot said about a job; a terminal state is never left."""
+    new = JobState(report.state)
+    if new == JobState.RUNNING:
+        return _job_started(session, report, ctx)
+    job = session.get(Job, report.job_id)
+    if report.redelivered:
+        # Believed only while the job still waits: if it is running or ended,
+        # the first delivery's pilot has it, and its reports rule.
+        if job is None or job.state != JobState.QUEUED:
+            log.info("job %s: pilot %s refused a redelivered copy; the job is %s",
+                     report.job_id, report.pilot_id, job.state if job else "unknown")
+            return []
+    if job is not None and JobState(job.state).terminal:
+        level = logging.WARNING if job.state == JobState.LOST else logging.DEBUG
+        log.log(
+            level,
+            "job %s: %s report from pilot %s ignored, job is already %s",
+            report.job_id,
+            new,
+            report.pilot_id,
+            job.state,
+        )
+        return []
+    fields: dict[str, object] = {
+        "pilot_id": report.pilot_id,
+        "started_at": report.started_at,
+        "exit_code": report.exit_code,
+        "log": report.log or None,
+        "reason": report.reason or None,
+        "ended_at": report.ended_at,
+    }
+    _moved, tasks = move_job(session, report.job_id, new, ctx, **fields)
+    return tasks
+
+
+def _job_started(session: Session, report: JobReport, ctx: Context) -> list[Task]:
+    """A job started: one conditional UPDATE; nothing else moves, so the workflow is not locked."""
+    row = session.execute(
+        update(Job)
+        .where(Job.id == report.job_id, Job.state.in_([JobState.PENDING, JobState.QUEUED]))
+        .values(state=JobState.RUNNING, pilot_id=report.pilot_id, started_at=report.started_at, log=report.log)
+        .returning(Job.template, Job.node, Job.queued_at)
+    ).first()
+    if row is None:
+        holder = session.execute(select(Job.state, Job.pilot_id).where(Job.id == report.job_id)).first()
+        if holder is not None and holder.state == JobState.RUNNING and holder.pilot_id != report.pilot_id:
+            ctx.later(metrics.DUPLICATE_STARTS.inc)
+            log.error("job %s: pilot %s started it while pilot %s runs it", report.job_id, report.pilot_id,
+                      holder.pilot_id)
+        else:
+            log.debug("job %s: running report from pilot %s ignored, job unknown or moved on",
+                      report.job_id, report.pilot_id)
+        return []
+    template, node, queued_at = row
+    if report.started_at and queued_at:
+        waited = max(0.0, report.started_at - queued_at)
+        ctx.later(lambda: metrics.QUEUED_TO_STARTED.labels(template, node).observe(waited))
+    return []
+
+
+def expire_task(session: Session, task: Task, reason: str, ctx: Context) -> list[Task]:
+    """A task dead-lettered by RabbitMQ: its TTL ran out, a full queue pushed it out, or a pilot handed it back."""
+    if reason == "rejected":
+        return _handed_back(session, task, ctx)
+    if reason == "maxlen":
+        moved, tasks = move_job(session, task.job_id, JobState.DROPPED, ctx, reason="overload")
+    else:
+        moved, tasks = move_job(
+            session, task.job_id, JobState.EXPIRED, ctx, reason=f"dead-lettered by the broker ({reason})"
+        )
+    if moved:
+        log.info("job %s: %s by the broker (%s)", task.job_id, "dropped" if reason == "maxlen" else "expired", reason)
+    return tasks
+
+
+def _handed_back(session: Session, task: Task, ctx: Context) -> list[Task]:
+    """A pilot without the lifetime left to run it rejected the task: publish a fresh copy while there is time."""
+    job = session.get(Job, task.job_id)
+    if job is None or job.state != JobState.QUEUED:
+        return []
+    if job.deadline <= ctx.now:
+        _moved, tasks = move_job(session, job.id, JobState.EXPIRED, ctx,
+                                 reason="deadline passed after a pilot handed it back")
+        return tasks
+    job.published_at = None
+    job.queued_at = ctx.now
+    log.info("job %s: handed back by a pilot, published again", job.id)
+    return [dataclasses.replace(task, enqueued_at=ctx.now)]
+
+
+def release_held(session: Session, ctx: Context) -> list[Task]:
+    """Enqueue jobs that waited for a slot of their stage, oldest first, as slots free."""
+    held = session.scalars(
+        select(Job).where(Job.held.is_(True), Job.state == JobState.PENDING).order_by(Job.id).limit(1000)
+    ).all()
+    if not held:
+        return []
+    active = ctx.catalogue.active(session)
+    taken: dict[tuple[str, str], int] = {}
+    tasks: list[Task] = []
+    for job in held:
+        wf = session.get(Workflow, job.workflow_id)
+        assert wf is not None
+        tpl = ctx.catalogue.snapshot(session, wf.template_id)
+        if not has_slot(session, tpl, job.node, taken):
+            continue
+        file = session.get(FileRecord, wf.file_id)
+        assert file is not None
+        enqueue(job, ctx, active.priority(tpl, job.node))
+        tasks.append(make_task(session, ctx, tpl, wf, job, file))
+    return tasks
+
+
+def unpublished_tasks(session: Session, ctx: Context, workflow_ids: Collection[int]) -> list[Task]:
+    """Tasks of these workflows' queued jobs that the broker never confirmed: again, or ended if too late.
+
+    Called for messages the broker delivered again, whose first handling may
+    have committed without its tasks reaching the broker (a dispatcher killed
+    between its commit and its publish, or a publish that failed).
+    """
+    if not workflow_ids:
+        return []
+    tasks: list[Task] = []
+    jobs = session.scalars(
+        select(Job)
+        .where(
+            Job.workflow_id.in_(sorted(workflow_ids)),
+            Job.state == JobState.QUEUED,
+            Job.published_at.is_(None),
+            # Not those this very transaction queued: their tasks are on their way.
+            Job.queued_at < ctx.now,
+        )
+        .order_by(Job.id)
+    ).all()
+    for job in jobs:
+        if job.deadline <= ctx.now:
+            _moved, more = move_job(session, job.id, JobState.EXPIRED, ctx,
+                                    reason=f"{NOT_PUBLISHED}: its deadline passed before the broker took its task")
+            tasks.extend(more)
+            continue
+        wf = session.get(Workflow, job.workflow_id)
+        assert wf is not None
+        file = session.get(FileRecord, wf.file_id)
+        assert file is not None
+        tpl = ctx.catalogue.snapshot(session, wf.template_id)
+        job_id = job.id
+        ctx.later(lambda job_id=job_id: log.warning("job %s: its task never reached the broker; publishing it now",
+                                                    job_id))
+        tasks.append(make_task(session, ctx, tpl, wf, job, file))
+    return tasks
+
+
+def workflows_of_jobs(session: Session, job_ids: Collection[int]) -> set[int]:
+    if not job_ids:
+        return set()
+    return set(session.scalars(select(Job.workflow_id).where(Job.id.in_(sorted(job_ids)))).all())
+
+
+def mark_published(session: Session, job_ids: Collection[int], now: float) -> None:
+    """The broker confirmed these jobs' tasks."""
+    if job_ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(sorted(job_ids)), Job.published_at.is_(None))
+            .values(published_at=now)
+            .execution_options(synchronize_session=False)
+        )

@@ -1,0 +1,56 @@
+"""The pilot registry: registrations, heartbeats and goodbyes, as the dispatcher's clock sees them."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session
+
+from p3s.db import Pilot
+from p3s.dispatcher.context import Context
+from p3s.messages import PilotReport
+from p3s.states import PilotState
+
+log = logging.getLogger(__name__)
+
+
+def apply_pilot_report(session: Session, report: PilotReport, ctx: Context) -> None:
+    """Create or refresh a pilot's record from its registration, heartbeat or goodbye.
+
+    ``last_seen`` is the dispatcher's time of receipt: the reaper compares it
+    with its own clock, and a worker node's clock may be off.  The pilot's own
+    ``sent_at`` only orders its reports.
+    """
+    pilot = session.get(Pilot, report.pilot_id)
+    state = PilotState.STOPPED if report.event == "stop" else PilotState(report.state)
+    if pilot is None:
+        pilot = Pilot(
+            id=report.pilot_id,
+            host=report.host,
+            pid=report.pid,
+            queues=",".join(report.queues),
+            state=state,
+            started_at=ctx.now,
+            last_seen=ctx.now,
+            last_sent_at=report.sent_at,
+            job_id=report.job_id,
+            jobs_done=report.jobs_done,
+            problem=report.problem,
+        )
+        session.add(pilot)
+        log.info("pilot %s: registered from %s pid %s, queues %s", pilot.id, report.host, report.pid, pilot.queues)
+        return
+    if pilot.last_sent_at is not None and report.sent_at < pilot.last_sent_at:
+        return  # an older heartbeat overtaken by a newer one
+    if pilot.state == PilotState.LOST:
+        log.warning("pilot %s: heard from again after being declared lost", pilot.id)
+    if pilot.state == PilotState.STOPPED and report.event != "stop":
+        return
+    if state == PilotState.BROKEN and report.problem != pilot.problem:
+        log.error("pilot %s: takes no tasks: %s", pilot.id, report.problem)
+    pilot.state = state
+    pilot.last_seen = ctx.now
+    pilot.last_sent_at = report.sent_at
+    pilot.job_id = report.job_id
+    pilot.jobs_done = report.jobs_done
+    pilot.problem = report.problem
