@@ -34,7 +34,9 @@ class Source(Protocol):
     """What the watcher drives: inotify, poll and xrootd sources alike.
 
     ``fileno()`` is None for a source polled every ``scan_interval_s`` rather
-    than waited for with select(); such a source also has ``healthy``.
+    than waited for with select(); such a source also has ``healthy`` and
+    ``mark()``, and the watcher runs its ``read`` and ``scan`` in a thread of
+    their own (p3s/watcher/scanner.py), so they may block.
     """
 
     name: str
@@ -65,13 +67,17 @@ class Selector:
 
 
 class Health:
-    """Whether a listed source answers; a change is logged once, not at every scan."""
+    """Whether a listed source answers; a change is logged once, not at every scan.
+
+    Marked by the source's own scans, and by the watcher when a scan has not
+    returned in time (see p3s/watcher/scanner.py).
+    """
 
     name: str
     healthy: bool = True
     last_error: str = ""
 
-    def _mark(self, healthy: bool, why: str = "") -> None:
+    def mark(self, healthy: bool, why: str = "") -> None:
         if healthy != self.healthy:
             if healthy:
                 log.info("source %s: healthy again", self.name)

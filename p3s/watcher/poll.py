@@ -96,13 +96,13 @@ class PollSource(Health):
                 self._scan_changed(now, out)
         except OSError as exc:
             # A dead mount (ENOTCONN, ESTALE, EIO) or a missing root: unhealthy, never a crash.
-            self._mark(False, f"{self.root}: {exc.strerror or exc}")
+            self.mark(False, f"{self.root}: {exc.strerror or exc}")
             return out
         took = time.monotonic() - started
         if took > self.settings.health_timeout_s:
-            self._mark(False, f"a scan took {took:.1f}s (limit {self.settings.health_timeout_s:.1f}s)")
+            self.mark(False, f"a scan took {took:.1f}s (limit {self.settings.health_timeout_s:.1f}s)")
         else:
-            self._mark(True)
+            self.mark(True)
         for key in self.stability.forget(now, self._gone):
             # Forgotten as published, remembered as old: a listed directory must not take it for new.
             directory, name = posixpath.split(key)

@@ -2,18 +2,23 @@
 
 An event leaves the backlog only when the broker has confirmed it, so a broker
 outage delays events but loses none; while the broker is away the sources are
-still read, until the backlog is full.
+still read, until the backlog is full.  One loop waits for inotify sources and
+for the results of listed sources, whose scans run in threads of their own
+(p3s/watcher/scanner.py), and heartbeats the publisher's connection between
+files, so a quiet spell does not cost it.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import select
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from p3s import metrics, topology
 from p3s.broker import Outgoing, Publisher
@@ -23,6 +28,7 @@ from p3s.messages import DataEvent, encode
 from p3s.watcher.files import Budget, FileSeen, Selector, Source, to_event
 from p3s.watcher.inotify import InotifySource
 from p3s.watcher.poll import PollSource
+from p3s.watcher.scanner import ScanDone, ScanThread, Wakeup, mark_unhealthy
 from p3s.watcher.xrootd import XrootdSource
 
 log = logging.getLogger(__name__)
@@ -55,9 +61,10 @@ class Slot:
     settings: SourceSettings
     source: Source
     due: float = 0.0  # monotonic: when a source without a descriptor is read next
+    scanner: ScanThread | None = None  # runs the scans of a source without a descriptor
     primary: Slot | None = None  # set on a fallback
     active: bool = True  # a fallback publishes only while active
-    unhealthy_since: float | None = None  # wall clock, on a source that can be unhealthy
+    unhealthy_since: float | None = None  # monotonic, on a source that can be unhealthy
     budget: Budget | None = None
     held: deque[FileSeen] = field(default_factory=deque)  # a fallback's files waiting for budget
 
@@ -112,10 +119,15 @@ class Watcher:
         self.should_stop = False
         self._retry_at = 0.0
         self._backoff = 0.5
+        self._wakeup = Wakeup()
+        self._scans_done: queue.SimpleQueue[ScanDone] = queue.SimpleQueue()
         self.slots: list[Slot] = []
         try:
             for src in self.sources_settings:
-                self.slots.append(Slot(src, make(src, settings)))
+                slot = Slot(src, make(src, settings))
+                self.slots.append(slot)
+                if slot.polled:
+                    slot.scanner = ScanThread(slot.source, self._scans_done, self._wakeup)
         except BaseException:
             self.close()
             raise
@@ -159,60 +171,109 @@ class Watcher:
             log.debug("source %s: idle, %d file(s) left to %s", slot.name, len(items), slot.settings.fallback_for)
 
     def rescan(self) -> None:
-        """Publish files written while the watcher was not running (duplicates are harmless)."""
+        """Publish files written while the watcher was not running (duplicates are harmless).
+
+        A listed source's rescan runs in its scan thread: its files are
+        delivered when it returns, and a hung mount does not hold up the start.
+        """
         now = time.monotonic()
+        age = self.settings.watcher.rescan_age_s
         for slot in self.slots:
             if slot.primary is not None:
                 continue  # an idle fallback costs its disks nothing; it rescans when it takes over
-            found = slot.source.scan(self.settings.watcher.rescan_age_s)
-            slot.due = now + slot.settings.scan_interval_s
-            self._after_read(slot)
             metrics.WATCHER_RESCANS.labels(slot.name).inc()
-            log.info(
-                "source %s: start-up rescan found %d file(s) newer than %.0fs",
-                slot.name,
-                len(found),
-                self.settings.watcher.rescan_age_s,
-            )
+            slot.due = now + slot.settings.scan_interval_s
+            if slot.scanner is not None:
+                slot.scanner.submit("rescan", age)
+                continue
+            found = slot.source.scan(age)
+            log.info("source %s: start-up rescan found %d file(s) newer than %.0fs", slot.name, len(found), age)
             self._deliver(slot, found)
 
     def _after_read(self, slot: Slot) -> None:
         if slot.healthy:
             slot.unhealthy_since = None
         elif slot.unhealthy_since is None:
-            slot.unhealthy_since = time.time()
+            slot.unhealthy_since = time.monotonic()
 
-    def _next_due(self) -> float:
-        return min((s.due for s in self.slots if s.polled and s.active), default=float("inf"))
+    def _next_wake(self) -> float:
+        """The monotonic time of the next scan due or scan deadline."""
+        times = [float("inf")]
+        for slot in self.slots:
+            scanner = slot.scanner
+            if scanner is None:
+                continue
+            if scanner.started is None:
+                if slot.active:
+                    times.append(slot.due)
+            elif not scanner.overdue:
+                times.append(scanner.started + slot.settings.health_timeout_s)
+        return min(times)
 
     def poll_once(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for sources to report, poll the sources that are due, publish."""
+        """Wait up to ``timeout`` for sources to report, start the scans that are due, publish."""
         if len(self.backlog) < self.settings.watcher.backlog_max:
             waiting = [s for s in self.slots if not s.polled]
-            timeout = max(0.0, min(timeout, self._next_due() - time.monotonic()))
-            if waiting:
-                ready, _w, _x = select.select([s.source for s in waiting], [], [], timeout)
-            else:
-                ready = []
-                time.sleep(timeout)
+            timeout = max(0.0, min(timeout, self._next_wake() - time.monotonic()))
+            readable: list[Any] = [self._wakeup, *(s.source for s in waiting)]
+            ready, _w, _x = select.select(readable, [], [], timeout)
+            if self._wakeup in ready:
+                self._wakeup.clear()
             for slot in waiting:
                 if slot.source in ready:
                     self._deliver(slot, slot.source.read())
+            self._take_scans()
             now = time.monotonic()
             for slot in self.slots:
-                if slot.polled and slot.active and now >= slot.due:
+                if slot.scanner is not None and not slot.scanner.busy and slot.active and now >= slot.due:
                     slot.due = now + slot.settings.scan_interval_s
-                    self._deliver(slot, slot.source.read())
-                    self._after_read(slot)
+                    slot.scanner.submit("read")
         elif timeout:
             time.sleep(timeout)
+        self._check_deadlines()
         self.update_failover()
         self.release_held()
+        # Between files the publisher's connection is otherwise silent, and the broker
+        # closes a connection that misses its heartbeats.
+        self.publisher.heartbeat_check()
         self.publish_backlog()
+
+    def _take_scans(self) -> None:
+        """Deliver the results of the scans that returned."""
+        by_name = {slot.name: slot for slot in self.slots}
+        while True:
+            try:
+                done = self._scans_done.get_nowait()
+            except queue.Empty:
+                return
+            slot = by_name[done.source]
+            assert slot.scanner is not None
+            if slot.scanner.overdue:
+                log.info("source %s: a %s that overran its deadline returned", slot.name, done.kind)
+            slot.scanner.returned()
+            if done.error:
+                mark_unhealthy(slot.source, done.error)
+            if done.kind == "rescan":
+                log.info("source %s: rescan found %d file(s)", slot.name, len(done.found))
+            self._deliver(slot, done.found)
+            self._after_read(slot)
+
+    def _check_deadlines(self) -> None:
+        """Mark unhealthy a listed source whose scan has not returned within its ``health_timeout_s``."""
+        now = time.monotonic()
+        for slot in self.slots:
+            scanner = slot.scanner
+            if scanner is None or scanner.started is None or scanner.overdue:
+                continue
+            limit = slot.settings.health_timeout_s
+            if now - scanner.started >= limit:
+                scanner.overdue = True
+                mark_unhealthy(slot.source, f"a {scanner.kind} has not returned within {limit:.1f}s (a hung mount?)")
+                self._after_read(slot)
 
     def update_failover(self) -> None:
         """Activate a fallback whose primary has been unhealthy long enough; idle it when the primary is back."""
-        now = time.time()
+        now = time.monotonic()
         for slot in self.slots:
             primary = slot.primary
             if primary is None:
@@ -242,7 +303,8 @@ class Watcher:
         # Files written shortly before the primary failed may not have reached it: look back a margin.
         primary = slot.primary.settings
         margin = max(FAILOVER_MARGIN_S, primary.scan_interval_s * (primary.stable_scans + 1))
-        max_age = time.time() - slot.primary.unhealthy_since + margin
+        now = time.monotonic()
+        max_age = now - slot.primary.unhealthy_since + margin
         log.warning(
             "source %s: active, standing in for %s (%s); rescanning files newer than %.0fs",
             slot.name,
@@ -250,10 +312,14 @@ class Watcher:
             why,
             max_age,
         )
-        found = slot.source.scan(max_age)
         metrics.WATCHER_RESCANS.labels(slot.name).inc()
-        slot.due = time.monotonic() + slot.settings.scan_interval_s
-        self._deliver(slot, found)
+        slot.due = now + slot.settings.scan_interval_s
+        if slot.scanner is None:
+            self._deliver(slot, slot.source.scan(max_age))
+        elif slot.scanner.busy:
+            log.warning("source %s: a scan is still running, no takeover rescan", slot.name)
+        else:
+            slot.scanner.submit("rescan", max_age)
 
     def release_held(self) -> None:
         """Move a fallback's held files to the backlog as its budget allows."""
@@ -290,15 +356,23 @@ class Watcher:
         # Files written from now on are seen once, by their events, not also by the rescan.
         self.ready.set()
         log.info("watcher: following %s", ", ".join(f"{s.name}={s.location}" for s in self.sources_settings))
+        # Wake at least twice per heartbeat interval, so the publisher's heartbeats go out in time.
+        heartbeat = self.settings.broker.heartbeat_s
+        idle = min(1.0, heartbeat / 2) if heartbeat > 0 else 1.0
         while not self.should_stop:
             # A short wait while events are held back, so a returning broker (or budget) is noticed soon.
             held = self.backlog or any(s.held for s in self.slots)
-            self.poll_once(0.2 if held else 1.0)
+            self.poll_once(min(0.2, idle) if held else idle)
         # One last try for what is still held; what stays is found by the next start-up rescan.
         self.publish_backlog()
         self.close()
 
     def close(self) -> None:
         for slot in self.slots:
+            if slot.scanner is not None and not slot.scanner.stop():
+                # Its scan hangs: the abandoned thread still uses the source, so it is left open.
+                log.warning("source %s: a scan still hangs at close; its thread is abandoned", slot.name)
+                continue
             slot.source.close()
         self.publisher.close()
+        self._wakeup.close()

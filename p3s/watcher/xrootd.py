@@ -163,13 +163,13 @@ class XrootdSource(Health):
         try:
             self._walk(now, out)
         except ListingFailed as exc:
-            self._mark(False, str(exc))
+            self.mark(False, str(exc))
             return out
         took = time.monotonic() - started
         if took > self.settings.health_timeout_s:
-            self._mark(False, f"a scan took {took:.1f}s (limit {self.settings.health_timeout_s:.1f}s)")
+            self.mark(False, f"a scan took {took:.1f}s (limit {self.settings.health_timeout_s:.1f}s)")
         else:
-            self._mark(True)
+            self.mark(True)
         self.stability.forget(now, lambda key: posixpath.dirname(key) not in self._dirs)
         return out
 
@@ -208,9 +208,9 @@ class XrootdSource(Health):
                 if self.stability.observe(e.path, e.size, e.mtime):
                     out.append(
                         FileSeen(
-                            path=PurePosixPath(e.path),
+                            path=PurePosixPath(e.path),  # type: ignore[arg-type]
                             size=e.size,
-                            mtime=e.mtime,  # type: ignore[arg-type]
+                            mtime=e.mtime,
                             seen_at=now,
                             url=self.url_of(e.path),
                         )
