@@ -139,7 +139,10 @@ class XrootdSource(Health):
         if done.returncode != 0:
             message = done.stderr.decode(errors="replace").strip().splitlines()
             raise ListingFailed(f"listing {directory}: {message[-1] if message else f'exit {done.returncode}'}")
-        return parse_listing(done.stdout.decode(errors="replace"), directory)
+        # Names are bytes on the server: undecodable ones keep their bytes as lone surrogates, as
+        # os.fsdecode gives for a local file, so the dispatcher can refuse them (a U+FFFD would
+        # stand for another name, one a pilot would look for in vain).
+        return parse_listing(done.stdout.decode("utf-8", errors="surrogateescape"), directory)
 
     def scan(self, max_age_s: float | None) -> list[FileSeen]:
         """The start-up scan: every directory changed within ``max_age_s``, files newer than it."""

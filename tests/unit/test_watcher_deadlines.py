@@ -215,3 +215,21 @@ def test_a_name_that_is_not_utf8_is_carried_in_valid_json(
     finally:
         watcher.close()
 
+
+
+def test_an_xrootd_name_that_is_not_utf8_is_carried_unchanged(tmp_path: Path) -> None:
+    """xrdfs prints raw bytes: they must reach the event as the same bytes (escaped), not as U+FFFD."""
+    from p3s.messages import encode
+    from p3s.watcher.files import Selector, to_event
+    from p3s.watcher.xrootd import XrootdSource
+
+    xrdfs = tmp_path / "xrdfs"  # stands in for the client: one file whose name has the byte 0xff
+    xrdfs.write_text("#!/bin/sh\nprintf -- '-rw-r--r-- u g 5 2024-01-01 12:00:00 /data/run\\377.dat\\n'\n")
+    xrdfs.chmod(0o755)
+    settings = SourceSettings(name="eos", kind="xrootd", location="root://127.0.0.1:1094//data", stable_scans=1)
+    source = XrootdSource(settings, Selector("*.dat", ()), rescan_age_s=10 * 365 * 86400.0, xrdfs=str(xrdfs))
+    (seen,) = source.read()
+    assert source.healthy
+    event = json.loads(encode(to_event(settings, seen)).decode("ascii"))
+    assert os.fsencode(event["name"]) == b"run\xff.dat"
+    assert event["path"] == "root://127.0.0.1:1094//data/run\udcff.dat"
