@@ -7,6 +7,7 @@ are plain subtractions on both SQLite and PostgreSQL.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -200,12 +201,18 @@ def _alembic_config(url: str) -> Any:
 
 # SQLSTATEs that no waiting can cure: refused credentials, a database that does not exist.
 REFUSED_SQLSTATES = frozenset({"28000", "28P01", "3D000"})
+# libpq reports a refusal during the connection phase as text only (psycopg sets no
+# sqlstate then): the server's FATAL messages for the same cases.
+_REFUSED_TEXT = re.compile(
+    r'FATAL:\s+(password authentication failed|role "[^"]*" does not exist|database "[^"]*" does not exist'
+    r"|no pg_hba\.conf entry|Ident authentication failed|Peer authentication failed)"
+)
 
 
 def refused(exc: BaseException) -> bool:
     """True if the database answered and refused us (credentials, database name), as opposed to not answering."""
     orig = getattr(exc, "orig", exc)
-    return getattr(orig, "sqlstate", None) in REFUSED_SQLSTATES
+    return getattr(orig, "sqlstate", None) in REFUSED_SQLSTATES or bool(_REFUSED_TEXT.search(str(orig)))
 
 
 def upgrade(url: str, revision: str = "head") -> None:
