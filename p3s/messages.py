@@ -52,6 +52,8 @@ def _load(body: bytes | str) -> dict[str, Any]:
         raise InvalidMessage(f"not JSON: {exc}") from None
     except RecursionError:
         raise InvalidMessage("not JSON p3s can read: nested too deep") from None
+    except ValueError as exc:  # an integer of thousands of digits, say
+        raise InvalidMessage(f"not JSON p3s can read: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidMessage("not a JSON object")
     if data.get("v") != SCHEMA_VERSION:
@@ -61,7 +63,10 @@ def _load(body: bytes | str) -> dict[str, Any]:
 
 def _show(value: Any) -> str:
     """A value for an error message: short, and printable whatever it holds."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return f"<a {type(value).__name__} too long to show>"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -75,7 +80,10 @@ def _field(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], de
             raise InvalidMessage(f"field {name!r} is missing")
         return default
     if kind in (float, (int, float)) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise InvalidMessage(f"field {name!r} is out of range: {_show(value)}") from None
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise InvalidMessage(f"field {name!r} has the wrong type: {_show(value)}")
     return value

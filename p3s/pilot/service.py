@@ -28,13 +28,15 @@ from p3s.errors import BrokerUnavailable, InvalidMessage
 from p3s.messages import JobReport, PilotReport, Task, encode
 from p3s.pilot.admission import refusal
 from p3s.pilot.consumer import TaskConsumer
-from p3s.pilot.runner import Outcome, log_path, run_payload
+from p3s.pilot.contain import Containment
+from p3s.pilot.runner import Outcome, log_path, root_problem, run_payload
 from p3s.pilot.stagein import stage_in
 from p3s.states import JobState, PilotState
 
 log = logging.getLogger(__name__)
 
 OUTBOX_MAX = 10_000
+ROOT_RECHECK_S = 5.0  # how often a broken pilot tries its roots again (at most; its heartbeat if shorter)
 REDELIVERED = "delivered again by the broker after a failure; it may have run already, so it is not run twice"
 
 
@@ -86,6 +88,10 @@ class Pilot(broker.ReconnectingConsumer):
         self.refused = ""
         self._live = connection
         self.connections = 0  # times it started consuming: more than one means its channel was lost
+        # Why this pilot takes no tasks (its work or log root is unusable); "" when healthy.
+        self.problem = ""
+        self._next_check = 0.0
+        self._contain: Containment | None = None
 
     # -- kombu hooks --------------------------------------------------------
 
@@ -95,6 +101,7 @@ class Pilot(broker.ReconnectingConsumer):
         # consuming starts: a per-consumer limit would let one task per queue
         # wait here, and a limit set after basic.consume lets a burst through.
         channel.basic_qos(0, 1, True)
+        self._check_roots()
         try:
             self._consumer = TaskConsumer(
                 channel,
@@ -102,6 +109,8 @@ class Pilot(broker.ReconnectingConsumer):
                 on_message=self._on_task,
                 auto_declare=self.settings.broker.declare_topology,
                 on_decode_error=self.on_decode_error,
+                # A pilot that cannot prepare a job takes none, not even the first.
+                hold=bool(self.problem),
             )
         except broker.ACCESS_REFUSED as exc:
             # kombu would retry this for ever; no retry can grant a permission.
@@ -135,12 +144,17 @@ class Pilot(broker.ReconnectingConsumer):
                     message, self._message = self._message, None
                     task = self._take(message)
                     if task is not None:
-                        self._execute(task)
+                        if self._execute(task) != JobState.FINISHED:
+                            self._check_roots()  # was it the disk?
                         if self._limits_reached():
                             break
                         self._idle_since = time.monotonic()
-                    if not self.should_stop:
+                    if not self.should_stop and not self.problem:
                         # A task delivered while this starts is taken on the next turn, not after a drain.
+                        self._consumer.consume()
+                elif self.problem and time.monotonic() >= self._next_check:
+                    self._check_roots()
+                    if not self.problem:
                         self._consumer.consume()
                 self._beat()
                 if self._message is None:
@@ -171,10 +185,8 @@ class Pilot(broker.ReconnectingConsumer):
         self._consumer.pause()
         try:
             task = Task.parse(message.body)
-        except InvalidMessage as exc:
-            message.ack()
-            metrics.PILOT_TASKS.labels("invalid").inc()
-            log.error("pilot %s: unreadable task dropped: %s", self.id, exc)
+        except Exception as exc:  # noqa: BLE001 -- whatever the body, it must not stop the pilot
+            self._refuse(message, exc)
             return None
         if (message.delivery_info or {}).get("redelivered"):
             # The broker delivered it before, and its ack may have been lost with
@@ -208,6 +220,39 @@ class Pilot(broker.ReconnectingConsumer):
         message.ack()
         return task
 
+    def _refuse(self, message: Message, exc: Exception) -> None:
+        """An unreadable task: rejected to p3s.expired, where the dispatcher moves it to p3s.invalid.
+
+        Not published to p3s.invalid from here: a least-privilege pilot may
+        write to p3s.status only, and a refused publish would block its reports.
+        """
+        reason = str(exc) if isinstance(exc, InvalidMessage) else f"unexpected {type(exc).__name__}: {exc}"
+        log.error("pilot %s: unreadable task refused: %s", self.id, reason,
+                  exc_info=not isinstance(exc, InvalidMessage))
+        metrics.PILOT_TASKS.labels("invalid").inc()
+        if broker.supports_dead_letters(self._live):
+            message.reject(requeue=False)
+            return
+        body = message.body if isinstance(message.body, bytes) else str(message.body).encode(errors="replace")
+        queue = str((message.delivery_info or {}).get("routing_key", ""))
+        self._send(Outgoing(topology.invalid_exchange, "", body,
+                            headers={"p3s-reason": reason[:1000], "p3s-queue": queue}))
+        message.ack()
+
+    def _check_roots(self) -> None:
+        """Take tasks only while a job can be prepared here; say why not in the heartbeats."""
+        pilot = self.settings.pilot
+        problem = root_problem(pilot.work_root, self.settings.log_path)
+        self._next_check = time.monotonic() + min(ROOT_RECHECK_S, pilot.heartbeat_s)
+        if problem == self.problem:
+            return
+        if problem:
+            log.error("pilot %s: takes no tasks until this is mended: %s", self.id, problem)
+        else:
+            log.warning("pilot %s: its roots are usable again (was: %s); taking tasks", self.id, self.problem)
+        self.problem = problem
+        self._next_beat = 0.0  # say so at once
+
     def _life_left(self) -> float | None:
         if not self.limits.lifetime_s:
             return None
@@ -229,7 +274,8 @@ class Pilot(broker.ReconnectingConsumer):
 
     # -- running it -----------------------------------------------------------
 
-    def _execute(self, task: Task) -> None:
+    def _execute(self, task: Task) -> JobState:
+        """Run ``task`` and report how it ended; the state it ended in."""
         now = time.time()
         reason = refusal(task, now)
         if reason is not None:
@@ -243,28 +289,38 @@ class Pilot(broker.ReconnectingConsumer):
             )
             self._report_job(task, JobReport(task.job_id, JobState.EXPIRED, self.id, reason=reason, ended_at=now))
             self.jobs_done += 1
-            return
+            return JobState.EXPIRED
         # No heartbeat here: its confirm would delay the start; the 'running'
         # report follows the start at once and the next beat says busy.
         self._current = task
         log.info("job %s: running %s/%s", task.job_id, task.template, task.node)
         logfile = str(log_path(self.settings.log_path, task))
-        outcome = run_payload(
-            task,
-            work_root=self.settings.pilot.work_root or None,
-            log_root=self.settings.log_path,
-            on_start=lambda t: self._report_job(
-                task, JobReport(task.job_id, JobState.RUNNING, self.id, started_at=t, log=logfile)
-            ),
-            between_slices=self._beat,
-            kill_requested=lambda: self.kill_requested,
-            kill_grace_s=self.settings.pilot.kill_grace_s,
-            slice_s=min(1.0, self.settings.pilot.heartbeat_s),
-            stage_in=stage_in,
-        )
-        self._current = None
+        try:
+            self._contain = Containment(self.id, task.job_id)
+            outcome = run_payload(
+                task,
+                work_root=self.settings.pilot.work_root or None,
+                log_root=self.settings.log_path,
+                on_start=lambda t: self._report_job(
+                    task, JobReport(task.job_id, JobState.RUNNING, self.id, started_at=t, log=logfile)
+                ),
+                between_slices=self._beat,
+                kill_requested=lambda: self.kill_requested,
+                kill_grace_s=self.settings.pilot.kill_grace_s,
+                slice_s=min(1.0, self.settings.pilot.heartbeat_s),
+                stage_in=stage_in,
+                contain=self._contain,
+            )
+        except Exception as exc:  # noqa: BLE001 -- the task was acked: it must end with a report
+            log.error("job %s: pilot %s failed to run it: %r", task.job_id, self.id, exc, exc_info=True)
+            reason = f"pilot error while running the job: {exc!r}"
+            outcome = Outcome(JobState.FAILED, None, None, time.time(), "", reason)
+        finally:
+            self._current = None
+            self._contain = None
         self.jobs_done += 1
         self._report_outcome(task, outcome)
+        return outcome.state
 
     def _report_outcome(self, task: Task, outcome: Outcome) -> None:
         metrics.PILOT_TASKS.labels(outcome.state).inc()
@@ -297,7 +353,10 @@ class Pilot(broker.ReconnectingConsumer):
         self._send(Outgoing(topology.status_exchange, topology.status_routing_key("job", report.state), encode(report)))
 
     def _report_pilot(self, event: str) -> None:
-        state = PilotState.BUSY if self._current is not None else PilotState.IDLE
+        if self._current is not None:
+            state = PilotState.BUSY
+        else:
+            state = PilotState.BROKEN if self.problem else PilotState.IDLE
         report = PilotReport(
             pilot_id=self.id,
             event=event,
@@ -307,6 +366,7 @@ class Pilot(broker.ReconnectingConsumer):
             state=state,
             job_id=self._current.job_id if self._current else None,
             jobs_done=self.jobs_done,
+            problem=self.problem,
         )
         self._send(Outgoing(topology.status_exchange, topology.status_routing_key("pilot", event), encode(report)))
         self._next_beat = time.monotonic() + self.settings.pilot.heartbeat_s
@@ -332,6 +392,8 @@ class Pilot(broker.ReconnectingConsumer):
         self._outbox.clear()
 
     def close(self) -> None:
-        """Say goodbye (best effort) and close connections."""
+        """Kill what a payload left (if a job was cut short), say goodbye (best effort) and close connections."""
+        if self._contain is not None:
+            self._contain.close()
         self._report_pilot("stop")
         self.publisher.close()
