@@ -79,8 +79,10 @@ class ScanThread:
     """Runs one listed source's scans, one at a time, in a daemon thread.
 
     ``started``, ``kind`` and ``overdue`` belong to the watcher's loop: it sets
-    them when it asks for a scan and clears them when the result arrives.  The
-    thread only runs the source and hands back what it returned.
+    them when it asks for a scan and clears them when it takes the result.  The
+    thread only runs the source, sets ``finished`` and hands back what it
+    returned; a result may wait (while the backlog is full), and a scan that
+    finished is never judged hung.
     """
 
     def __init__(self, source: Source, done: queue.SimpleQueue[ScanDone], wakeup: Wakeup) -> None:
@@ -90,7 +92,8 @@ class ScanThread:
         self._wakeup = wakeup
         self._requests: queue.SimpleQueue[tuple[str, float | None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self.started: float | None = None  # monotonic, while a scan runs
+        self.started: float | None = None  # monotonic, from the request until its result is taken
+        self.finished = False  # the running scan has returned; its result waits to be taken
         self.kind = ""
         self.overdue = False
 
@@ -98,18 +101,23 @@ class ScanThread:
     def busy(self) -> bool:
         return self.started is not None
 
+    @property
+    def running(self) -> bool:
+        """A scan is asked for and has not returned: the one state that has a deadline."""
+        return self.started is not None and not self.finished
+
     def submit(self, kind: str, max_age_s: float | None = None) -> None:
         """Ask for one scan: ``read`` (the next regular one) or ``rescan`` (files newer than ``max_age_s``)."""
         assert not self.busy, f"source {self.name}: a scan is still running"
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"p3s-scan-{self.name}", daemon=True)
             self._thread.start()
-        self.started, self.kind, self.overdue = time.monotonic(), kind, False
+        self.started, self.kind, self.overdue, self.finished = time.monotonic(), kind, False, False
         self._requests.put((kind, max_age_s))
 
     def returned(self) -> None:
         """The loop has taken this scan's result."""
-        self.started, self.kind, self.overdue = None, "", False
+        self.started, self.kind, self.overdue, self.finished = None, "", False, False
 
     def _run(self) -> None:
         while (request := self._requests.get()) is not None:
@@ -121,6 +129,7 @@ class ScanThread:
                 # A source is meant never to raise; if one does, its scans must still go on.
                 log.exception("source %s: %s failed", self.name, kind)
                 done = ScanDone(self.name, kind, [], f"{kind} failed: {exc!r}")
+            self.finished = True
             self._done.put(done)
             self._wakeup.set()
 

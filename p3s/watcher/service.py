@@ -206,7 +206,7 @@ class Watcher:
             if scanner.started is None:
                 if slot.active:
                     times.append(slot.due)
-            elif not scanner.overdue:
+            elif scanner.running and not scanner.overdue:
                 times.append(scanner.started + slot.settings.health_timeout_s)
         return min(times)
 
@@ -263,9 +263,10 @@ class Watcher:
         now = time.monotonic()
         for slot in self.slots:
             scanner = slot.scanner
-            if scanner is None or scanner.started is None or scanner.overdue:
+            if scanner is None or not scanner.running or scanner.overdue:
                 continue
             limit = slot.settings.health_timeout_s
+            assert scanner.started is not None
             if now - scanner.started >= limit:
                 scanner.overdue = True
                 mark_unhealthy(slot.source, f"a {scanner.kind} has not returned within {limit:.1f}s (a hung mount?)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -63,8 +64,8 @@ def hung(dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[Hun
 
 
 def eos(path: Path, **kw: Any) -> SourceSettings:
-    return SourceSettings(name="eos", kind="poll", location=str(path), pattern="*.dat",
-                          scan_interval_s=0.05, stable_scans=1, **kw)
+    given: dict[str, Any] = {"scan_interval_s": 0.05, "stable_scans": 1, **kw}
+    return SourceSettings(name="eos", kind="poll", location=str(path), pattern="*.dat", **given)
 
 
 def spare(path: Path, **kw: Any) -> SourceSettings:
@@ -145,6 +146,29 @@ def test_close_does_not_wait_for_a_hung_scan(
     hung.released.set()
     thread.join(5)
     assert not thread.is_alive(), "once the mount answers, the abandoned thread ends"
+
+
+def test_a_scan_result_waiting_for_backlog_room_is_not_a_hang(tmp_path: Path, dirs: dict[str, Path]) -> None:
+    """With the broker away and the backlog full, a scan that returned waits to be taken: eos stays healthy."""
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = make_settings(tmp_path, f"amqp://guest:guest@127.0.0.1:{port}//", P3S_WATCHER_BACKLOG_MAX="1")
+    # Scans due at every pass: one is asked for in the pass that fills the backlog.
+    watcher = Watcher(settings, [eos(dirs["eos"], health_timeout_s=0.2, scan_interval_s=0.0)])
+    slot = watcher.slots[0]
+    try:
+        watcher.rescan()
+        (dirs["eos"] / "a.dat").write_bytes(b"a")
+        run_until(watcher, lambda: watcher.backlog, what="a.dat in the backlog")
+        run_until(watcher, lambda: slot.scanner is not None and slot.scanner.busy, what="the next scan")
+        end = time.monotonic() + 1.0  # five deadlines
+        while time.monotonic() < end:
+            watcher.poll_once(0.05)
+            assert slot.healthy, slot.source.last_error  # type: ignore[attr-defined]
+        assert [e.name for e in watcher.backlog] == ["a.dat"]
+    finally:
+        watcher.close()
 
 
 class Clock:
