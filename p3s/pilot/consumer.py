@@ -23,7 +23,20 @@ def _on_rabbitmq(channel: Any) -> bool:
 
 
 class TaskConsumer(Consumer):  # type: ignore[misc]
-    """kombu's Consumer with ``pause`` and a ``consume`` whose every consumer is confirmed."""
+    """kombu's Consumer with ``pause`` and a ``consume`` whose every consumer is confirmed.
+
+    With ``hold`` it does not start consuming on entry (kombu's mixin enters
+    it on every connection); the owner calls ``consume`` when ready.
+    """
+
+    def __init__(self, *args: Any, hold: bool = False, **kwargs: Any) -> None:
+        self.hold = hold
+        super().__init__(*args, **kwargs)
+
+    def __enter__(self) -> TaskConsumer:
+        if not self.hold:
+            self.consume()
+        return self
 
     def consume(self, no_ack: bool | None = None) -> None:
         """Consume from every queue (again); on RabbitMQ each start is confirmed before the next is sent.

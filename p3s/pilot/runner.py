@@ -2,8 +2,10 @@
 
 The payload is an argv list, never given to a shell.  It is waited for in
 slices; between slices the pilot sends heartbeats.  At the wall limit the whole
-process group gets SIGTERM, then SIGKILL after a grace period, so nothing the
-payload started outlives it.
+process group, and every process the payload started (see
+:mod:`p3s.pilot.contain`), gets SIGTERM, then SIGKILL after a grace period;
+at the end of the job whatever is left gets SIGKILL, so nothing the payload
+started outlives it.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from p3s.dagengine import expand, expand_env
 from p3s.messages import Task
+from p3s.pilot.contain import Containment
+from p3s.pilot.stagein import StageIn, StageInError
 from p3s.states import JobState
 
 log = logging.getLogger(__name__)
@@ -94,15 +100,19 @@ def group_alive(pgid: int) -> bool:
     return killpg(pgid, 0)
 
 
-def terminate_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
-    """SIGTERM the payload's group, wait up to ``grace_s``, then SIGKILL whatever is left."""
+def terminate_group(proc: subprocess.Popen[bytes], grace_s: float, contain: Containment | None = None) -> None:
+    """SIGTERM the payload and all its processes, wait up to ``grace_s``, then SIGKILL whatever is left."""
     killpg(proc.pid, signal.SIGTERM)
+    if contain is not None:
+        contain.signal(signal.SIGTERM)
     end = time.monotonic() + grace_s
     while time.monotonic() < end:
-        if proc.poll() is not None and not group_alive(proc.pid):
+        if proc.poll() is not None and not group_alive(proc.pid) and (contain is None or not contain.members()):
             return
         time.sleep(0.05)
     killpg(proc.pid, signal.SIGKILL)
+    if contain is not None:
+        contain.kill()
     proc.wait()
 
 
@@ -141,6 +151,35 @@ def log_path(log_root: Path, task: Task) -> Path:
     return log_root / str(task.workflow_id) / f"{task.job_id}-{task.node}.log"
 
 
+class PrepareError(Exception):
+    """A job could not be prepared; the message is the reason reported for it."""
+
+
+@contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Turn an OSError while doing ``what`` into a PrepareError naming both."""
+    try:
+        yield
+    except OSError as exc:
+        raise PrepareError(f"{describe(exc)} {what}") from exc
+
+
+def describe(exc: OSError) -> str:
+    """``no space left on device``, ``read-only file system``: the error's text, in lower case."""
+    if exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or type(exc).__name__
+
+
+def exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 def run_payload(
     task: Task,
     *,
@@ -151,34 +190,51 @@ def run_payload(
     kill_requested: Callable[[], bool],
     kill_grace_s: float = 5.0,
     slice_s: float = 1.0,
-    stage_in: Callable[[Task, str, dict[str, str | list[str]]], None] | None = None,
+    stage_in: StageIn | None = None,
+    contain: Containment | None = None,
 ) -> Outcome:
-    """Run ``task``'s payload to its end, its wall limit, or a kill request; clean up after it."""
-    if work_root:
-        Path(work_root).mkdir(parents=True, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix=f"p3s-job{task.job_id}-", dir=work_root or None)
+    """Run ``task``'s payload to its end, its wall limit, or a kill request; clean up after it.
+
+    Whatever fails while the job is prepared (a full or read-only disk, a
+    missing input) ends it ``failed`` with a reason that names the cause; no
+    OSError leaves this function.
+    """
+    contain = contain or Containment("pilot", task.job_id)
+    root = work_root or tempfile.gettempdir()
     logfile = log_path(log_root, task)
+    workdir: str | None = None
     try:
+        with _step(f"creating the work directory under {root}"):
+            if work_root:
+                Path(work_root).mkdir(parents=True, exist_ok=True)
+            workdir = tempfile.mkdtemp(prefix=f"p3s-job{task.job_id}-", dir=work_root or None)
         values = payload_values(task, workdir)
         outdir = values.get("outdir")
         if isinstance(outdir, str) and outdir:
-            Path(outdir).mkdir(parents=True, exist_ok=True)
-        logfile.parent.mkdir(parents=True, exist_ok=True)
+            with _step(f"creating the output directory {outdir}"):
+                Path(outdir).mkdir(parents=True, exist_ok=True)
+        with _step(f"creating the log directory {logfile.parent}"):
+            logfile.parent.mkdir(parents=True, exist_ok=True)
         if stage_in is not None and task.stage_in:
-            stage_in(task, workdir, values)
+            try:
+                stage_in(task, workdir, values, between_slices, contain)
+            except OSError as exc:  # StageInError among them
+                raise PrepareError(str(exc) if isinstance(exc, StageInError) else f"stage-in: {describe(exc)}") from exc
         argv = expand(task.argv, values)
-        env = payload_env(task, values)
-        with open(logfile, "wb") as out:
+        env = contain.environ(payload_env(task, values))
+        with _step(f"opening the log file {logfile}"):
+            out = open(logfile, "wb")  # noqa: SIM115 -- closed below, after the start
+        with out:
             prefix, hook = _pdeathsig()
             why = _startable(argv[0], env)
             if why is not None:
-                out.write(f"p3s: cannot start {argv[0]!r}: {why}\n".encode())
+                _note(out, f"p3s: cannot start {argv[0]!r}: {why}\n")
                 return Outcome(
                     JobState.FAILED, None, None, time.time(), str(logfile), f"cannot start {argv[0]!r}: {why}"
                 )
             try:
                 proc = subprocess.Popen(
-                    [*prefix, *argv],
+                    [*contain.prefix(), *prefix, *argv],
                     cwd=workdir,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -188,19 +244,32 @@ def run_payload(
                     preexec_fn=hook,
                 )
             except OSError as exc:
-                out.write(f"p3s: cannot start {argv[0]!r}: {exc.strerror}\n".encode())
+                _note(out, f"p3s: cannot start {argv[0]!r}: {exc.strerror}\n")
                 return Outcome(
                     JobState.FAILED, None, None, time.time(), str(logfile), f"cannot start {argv[0]!r}: {exc.strerror}"
                 )
-            started = time.time()
-            on_start(started)
-            return _wait(task, proc, started, str(logfile), between_slices, kill_requested, kill_grace_s, slice_s)
-    except OSError as exc:
-        return Outcome(
-            JobState.FAILED, None, None, time.time(), str(logfile), f"pilot could not prepare the job: {exc}"
-        )
+            contain.attach(proc)
+        started = time.time()
+        on_start(started)
+        return _wait(task, proc, started, str(logfile), between_slices, kill_requested, kill_grace_s, slice_s, contain)
+    except PrepareError as exc:
+        log.warning("job %s: not started: %s", task.job_id, exc)
+        return Outcome(JobState.FAILED, None, None, time.time(), str(logfile) if logfile.exists() else "", str(exc))
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        # Whatever the payload (or a stage-in copy) left running goes with the job.
+        if contain.close():
+            log.info("job %s: killed what the payload left running", task.job_id)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _note(out: IO[bytes], text: str) -> None:
+    """A line of p3s's own in the job's log, if the disk takes it."""
+    try:
+        out.write(text.encode())
+        out.flush()
+    except OSError as exc:
+        log.warning("cannot write to the job log %s: %s", out.name, describe(exc))
 
 
 def _wait(
@@ -212,6 +281,7 @@ def _wait(
     kill_requested: Callable[[], bool],
     kill_grace_s: float,
     slice_s: float,
+    contain: Containment,
 ) -> Outcome:
     limit = time.monotonic() + task.wall_s
     try:
@@ -222,10 +292,12 @@ def _wait(
             except subprocess.TimeoutExpired:
                 pass
             else:
-                state = JobState.FINISHED if code == 0 else JobState.FAILED
-                return Outcome(state, code, started, time.time(), logfile)
+                if code == 0:
+                    return Outcome(JobState.FINISHED, code, started, time.time(), logfile)
+                return Outcome(JobState.FAILED, code, started, time.time(), logfile, exit_reason(code))
             if kill_requested():
                 killpg(proc.pid, signal.SIGKILL)
+                contain.kill()
                 proc.wait()
                 log.warning("job %s: payload killed on request (second SIGTERM)", task.job_id)
                 return Outcome(
@@ -237,8 +309,8 @@ def _wait(
                     "killed: the pilot was told to stop at once",
                 )
             if time.monotonic() >= limit:
-                log.warning("job %s: wall limit of %.0fs reached, killing its process group", task.job_id, task.wall_s)
-                terminate_group(proc, kill_grace_s)
+                log.warning("job %s: wall limit of %.0fs reached, killing its processes", task.job_id, task.wall_s)
+                terminate_group(proc, kill_grace_s, contain)
                 return Outcome(
                     JobState.TIMEOUT,
                     proc.returncode,
@@ -247,10 +319,32 @@ def _wait(
                     logfile,
                     f"wall limit of {task.wall_s:g}s reached",
                 )
+            contain.track()
             between_slices()
     finally:
         # The payload may have left children behind even when it exited by itself.
         if killpg(proc.pid, signal.SIGKILL):
-            log.info("job %s: killed what the payload left running", task.job_id)
+            log.info("job %s: killed what the payload's process group left running", task.job_id)
         if proc.poll() is None:
             proc.wait()
+
+
+def root_problem(work_root: str, log_root: Path) -> str:
+    """Why no job can be prepared here now, or "": a small file made and removed under each root.
+
+    A directory alone is not enough of a test: a full filesystem may still
+    have an inode left for it, and fail the first write of the payload.
+    """
+    for what, where in (("work root", work_root or tempfile.gettempdir()), ("log root", str(log_root))):
+        try:
+            Path(where).mkdir(parents=True, exist_ok=True)
+            probe = tempfile.mkdtemp(prefix=".p3s-check-", dir=where)
+            try:
+                with open(os.path.join(probe, "probe"), "wb") as fh:
+                    fh.write(b"p3s\n")
+                    fh.flush()
+            finally:
+                shutil.rmtree(probe, ignore_errors=True)
+        except OSError as exc:
+            return f"the {what} {where} is unusable: {describe(exc)}"
+    return ""

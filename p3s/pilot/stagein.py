@@ -1,21 +1,60 @@
-"""Copy a job's input into its work directory before the payload starts."""
+"""Copy a job's input into its work directory before the payload starts.
+
+The copy is a subprocess (``xrdcp`` for ``root://`` URLs, ``cp`` for a path),
+waited for in slices like a payload: the pilot's heartbeats go on while a large
+file or a slow mount is read, and at its deadline the copy is killed and the
+job fails with a reason that says so.  A copy in a thread could not be stopped
+on a hung mount or a pipe that never ends.
+"""
 
 from __future__ import annotations
 
-import shutil
+import os
+import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Protocol
 
 from p3s.messages import Task
 
+if TYPE_CHECKING:
+    from p3s.pilot.contain import Containment
+
 STAGE_IN_TIMEOUT_S = 600.0
+SLICE_S = 0.5
 
 
 class StageInError(OSError):
     """The input could not be copied into the work directory."""
 
 
-def stage_in(task: Task, workdir: str, values: dict[str, str | list[str]]) -> None:
+class StageIn(Protocol):
+    def __call__(
+        self,
+        task: Task,
+        workdir: str,
+        values: dict[str, str | list[str]],
+        between_slices: Callable[[], None],
+        contain: Containment | None = None,
+    ) -> None: ...
+
+
+def stage_in_timeout(task: Task, now: float | None = None) -> float:
+    """How long a stage-in may take: within the job's wall limit and its deadline, at most 600 s."""
+    left = task.deadline - (time.time() if now is None else now)
+    return max(1.0, min(STAGE_IN_TIMEOUT_S, task.wall_s, left))
+
+
+def stage_in(
+    task: Task,
+    workdir: str,
+    values: dict[str, str | list[str]],
+    between_slices: Callable[[], None] = lambda: None,
+    contain: Containment | None = None,
+    timeout_s: float | None = None,
+) -> None:
     """Copy ``values['input']`` into ``workdir`` and point ``{input}`` at the copy.
 
     ``root://`` URLs go through ``xrdcp``; anything else is a path.  The copy
@@ -24,19 +63,54 @@ def stage_in(task: Task, workdir: str, values: dict[str, str | list[str]]) -> No
     source = str(values.get("input", ""))
     name = PurePosixPath(source.split("?", 1)[0]).name or f"input-{task.job_id}"
     target = Path(workdir) / name
+    timeout_s = stage_in_timeout(task) if timeout_s is None else timeout_s
     if source.startswith(("root://", "xroot://")):
-        try:
-            done = subprocess.run(
-                ["xrdcp", "--nopbar", "--force", source, str(target)],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=min(STAGE_IN_TIMEOUT_S, max(1.0, task.wall_s)),
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise StageInError(f"xrdcp of {source} failed: {exc}") from exc
-        if done.returncode != 0:
-            raise StageInError(f"xrdcp of {source} failed: {done.stderr.decode(errors='replace').strip()}")
+        argv = ["xrdcp", "--nopbar", "--force", source, str(target)]
     else:
-        shutil.copyfile(source, target)
+        argv = ["cp", "--", source, str(target)]
+    _copy(argv, source, timeout_s, between_slices, contain)
     values["input"] = str(target)
+
+
+def _copy(
+    argv: list[str],
+    source: str,
+    timeout_s: float,
+    between_slices: Callable[[], None],
+    contain: Containment | None,
+) -> None:
+    env = dict(os.environ) if contain is None else contain.environ(dict(os.environ))
+    # The pilot's own settings (broker URL, passwords) are not the copy's business.
+    for key in [k for k in env if k.startswith("P3S_") and k != "P3S_PAYLOAD_MARK"]:
+        del env[key]
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env=env, start_new_session=True)
+    except OSError as exc:
+        raise StageInError(f"stage-in of {source} failed: cannot run {argv[0]}: {exc.strerror}") from exc
+    end = time.monotonic() + timeout_s
+    err = b""
+    try:
+        while True:
+            try:
+                _out, err = proc.communicate(timeout=max(0.0, min(SLICE_S, end - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= end:
+                    raise StageInError(f"stage-in of {source} timed out after {timeout_s:g}s") from None
+                between_slices()
+    finally:
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            # A copy stuck on a hung mount may not die at once; the job's
+            # containment sweeps it later, the pilot does not wait for it here.
+            try:
+                proc.communicate(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+    if proc.returncode != 0:
+        detail = err.decode(errors="replace").strip() or f"exit code {proc.returncode}"
+        raise StageInError(f"stage-in of {source} failed: {detail}")
