@@ -381,17 +381,17 @@ def pilot_report_base(draw: Any, world: World) -> dict[str, Any]:
 def task_base(draw: Any, world: World) -> dict[str, Any]:
     """A task a pilot could run: argv[0] is never a random program, and outputs stay in the test's directory."""
     job_id = draw(st.sampled_from(world.finished_ids) | st.integers(1, 10_000))
+    # Text without NUL: a NUL is what the "nul" slots are for.
+    text = st.text(st.characters(exclude_characters="\x00"), max_size=8)
     values: dict[str, Any] = draw(st.dictionaries(
-        st.text(PLAIN, max_size=8).filter(lambda k: k != "outdir"), st.text(max_size=10) | st.lists(st.integers()),
-        max_size=3,
+        st.text(PLAIN, max_size=8).filter(lambda k: k != "outdir"), text | st.lists(st.integers()), max_size=3,
     ))
     values["outdir"] = f"{world.out_root}/{job_id}"
     values["input"] = draw(st.sampled_from([world.input_file, "/nonexistent/fuzz.dat"]) | st.lists(st.integers()))
     argv = [draw(st.sampled_from([TRUE, TRUE, TRUE, FALSE, "true", "/nonexistent/p3s-fuzz", "no-such-p3s-program"]))]
-    argv += draw(st.lists(st.sampled_from(["{input}", "{nope}", "{", "}", "{workdir}", "--x"]) | st.text(max_size=8),
-                          max_size=3))
+    argv += draw(st.lists(st.sampled_from(["{input}", "{nope}", "{", "}", "{workdir}", "--x"]) | text, max_size=3))
     env_keys = st.sampled_from(["FUZZ", "FUZZ_{input}", "", "A=B", "LANG"]) | st.text(PLAIN, max_size=6)
-    env = draw(st.dictionaries(env_keys, st.text(max_size=8) | st.just("{input}"), max_size=3))
+    env = draw(st.dictionaries(env_keys, text | st.just("{input}"), max_size=3))
     return {
         "job_id": job_id,
         "workflow_id": draw(st.integers(1, 10_000)),
