@@ -47,18 +47,30 @@ def wait_for_database(url: str, stop: Callable[[], bool] = lambda: False) -> Non
             backoff = min(backoff * 2, 10.0)
 
 
+def _wait_for_broker(settings: Settings) -> Any:
+    """A connection the broker has accepted, closed again: consumers work on clones of it.
+
+    Left open, nothing would read or heartbeat it while the clone consumes, and
+    the broker would close it for missed heartbeats, with an error in its log.
+    """
+    connection = broker.ensure_connected(broker.connect(settings.broker), max_retries=None)
+    if not settings.broker.embedded:
+        connection.release()
+    return connection
+
+
 def make_dispatcher(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> Dispatcher:
     """A dispatcher with the schema brought to the current revision, once both servers answer."""
     wait_for_database(settings.database_url)
     engine = db.make_engine(settings.database_url, echo=settings.database.echo)
-    connection = broker.ensure_connected(broker.connect(settings.broker), max_retries=None)
+    connection = _wait_for_broker(settings)
     return Dispatcher(settings, engine, connection, reload_settings=reload_settings)
 
 
 def make_pilot(
     settings: Settings, queues: tuple[str, ...] | None = None, limits: Limits | None = None, pilot_id: str | None = None
 ) -> Pilot:
-    connection = broker.ensure_connected(broker.connect(settings.broker), max_retries=None)
+    connection = _wait_for_broker(settings)
     return Pilot(settings, connection, queues=queues, limits=limits, pilot_id=pilot_id)
 
 
@@ -129,6 +141,8 @@ def build_group(
     from p3s import topology
 
     topology.declare_all(group.dispatcher.connection, settings.pilot.queues, settings.broker.max_queue_length)
+    if not settings.broker.embedded:
+        group.dispatcher.connection.release()
     group.pilots = [make_pilot(settings) for _ in range(pilots)]
     if watch:
         group.watcher = Watcher(settings, watch)
