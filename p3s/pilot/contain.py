@@ -10,8 +10,8 @@ leave.  The pilot makes itself a child subreaper, so orphans of the payload
 are reparented to it instead of to init, and it reaps those it adopted.
 
 At the end of the job, at its wall limit and when the pilot stops,
-:meth:`Containment.kill` signals every process in the cgroup, carrying the
-mark, or descending from the payload, until none is left.
+:meth:`Containment.kill` signals every process in the cgroup (or, where there
+is none, carrying the mark) or descending from the payload, until none is left.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def become_subreaper() -> bool:
     return ok
 
 
+@functools.cache
 def _own_cgroup() -> Path | None:
     """This process's cgroup v2 directory, or None (no unified hierarchy mounted, or not found)."""
     try:
@@ -101,6 +102,14 @@ def _parents() -> dict[int, int]:
         with contextlib.suppress(IndexError, ValueError):
             parents[int(entry.name)] = int(fields[1])
     return parents
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+        return int(stat[stat.rfind(")") + 2:].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _is_zombie(pid: int) -> bool:
@@ -170,27 +179,39 @@ class Containment:
             self._drop_cgroup()
 
     def members(self) -> set[int]:
-        """Every live process of the payload but its first (the caller's Popen waits for that one)."""
+        """Every live process of the payload but its first (the caller's Popen waits for that one).
+
+        With a cgroup, its member list is the answer (a payload would have to
+        move itself out on purpose, and one that can could as well scrub its
+        environment); without one, every process on the host that carries the
+        mark.  Either way, while the payload lives, everything under it.
+        Reading each process's environment costs about as much as the rest of
+        a job's end together on a busy host, so it is done only without a cgroup.
+        """
         found: set[int] = set()
         if self.cgroup is not None:
             with contextlib.suppress(OSError, ValueError):
                 found.update(int(p) for p in (self.cgroup / "cgroup.procs").read_text().split())
-        parents = _parents()
-        found.update(pid for pid in parents if _carries(pid, self._needle))
-        if self._proc is not None and self._proc.returncode is None:
+        root_alive = self._proc is not None and self._proc.returncode is None
+        parents = _parents() if self.cgroup is None or root_alive else {}
+        if self.cgroup is None:
+            found.update(pid for pid in parents if _carries(pid, self._needle))
+        if root_alive:
             # Descendants that cleared their environment still hang under the payload
             # (only while it is not reaped: after that its pid may be another's).
             children: dict[int, list[int]] = {}
             for pid, ppid in parents.items():
                 children.setdefault(ppid, []).append(pid)
-            todo = list(children.get(self.root, []))
+            todo = list(children.get(self.root, []))  # type: ignore[arg-type]
             while todo:
                 pid = todo.pop()
                 found.add(pid)
                 todo.extend(children.get(pid, []))
         found.discard(self._me)
         found.discard(self.root)  # type: ignore[arg-type]
-        self._adopted.update(pid for pid in found if parents.get(pid) == self._me)
+        for pid in found:
+            if (parents.get(pid) if parents else _parent(pid)) == self._me:
+                self._adopted.add(pid)
         return {pid for pid in found if not _is_zombie(pid)}
 
     def track(self) -> None:

@@ -11,6 +11,7 @@ started outlives it.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import ctypes.util
 import errno
 import functools
@@ -46,6 +47,7 @@ class Outcome:
     ended_at: float
     log: str
     reason: str = ""
+    ran_s: float | None = None  # how long the payload ran, by the monotonic clock
 
 
 PR_SET_PDEATHSIG = 1
@@ -249,9 +251,11 @@ def run_payload(
                     JobState.FAILED, None, None, time.time(), str(logfile), f"cannot start {argv[0]!r}: {exc.strerror}"
                 )
             contain.attach(proc)
-        started = time.time()
+        started, began = time.time(), time.monotonic()
         on_start(started)
-        return _wait(task, proc, started, str(logfile), between_slices, kill_requested, kill_grace_s, slice_s, contain)
+        outcome = _wait(task, proc, started, str(logfile), between_slices, kill_requested, kill_grace_s, slice_s,
+                        contain)
+        return dataclasses.replace(outcome, ran_s=time.monotonic() - began)
     except PrepareError as exc:
         log.warning("job %s: not started: %s", task.job_id, exc)
         return Outcome(JobState.FAILED, None, None, time.time(), str(logfile) if logfile.exists() else "", str(exc))

@@ -324,8 +324,8 @@ class Pilot(broker.ReconnectingConsumer):
 
     def _report_outcome(self, task: Task, outcome: Outcome) -> None:
         metrics.PILOT_TASKS.labels(outcome.state).inc()
-        if outcome.started_at is not None:
-            metrics.PILOT_BUSY_SECONDS.inc(outcome.ended_at - outcome.started_at)
+        if outcome.ran_s is not None:
+            metrics.PILOT_BUSY_SECONDS.inc(outcome.ran_s)
         log.info(
             "job %s: %s, exit code %s%s",
             task.job_id,
