@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from p3s import __version__
-from p3s.tables import print_table, when
+from p3s.tables import print_table, safe, when
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the command ran and found something wrong (a failed job, a broken audit)
@@ -24,6 +24,17 @@ log = logging.getLogger("p3s")
 
 
 # -- output helpers ---------------------------------------------------------------
+
+
+class SafeFormatter(logging.Formatter):
+    """Log lines with the message's control characters escaped: a file name cannot forge a line.
+
+    Only the message is escaped; a traceback keeps its lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = safe(record.message)
+        return super().formatMessage(record)
 
 
 def emit(args: argparse.Namespace, rows: list[dict[str, Any]], columns: Sequence[str]) -> int:
@@ -630,11 +641,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = args.log_level or os.environ.get("P3S_LOG_LEVEL") or "INFO"
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(threadName)s]: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s[%(threadName)s]: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     # Alembic narrates every step at INFO; an operator wants only its warnings.
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from p3s.config import Settings
 from p3s.db import FileRecord, Job, Pilot, TemplateRecord, Workflow
 from p3s.errors import BrokerUnavailable
+from p3s.tables import safe
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:
             return "-"
         if isinstance(v, float):
             return f"{v:.3f}"
-        return str(v)
+        return safe(str(v))
 
     cells = [[cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
