@@ -74,6 +74,10 @@ class BrokerSettings:
     # Declare exchanges and queues at start-up.  Turn off for least-privilege
     # users (pilots, watchers) when the topology comes from definitions.json.
     declare_topology: bool = True
+    # Stamp every published message with the broker login as its AMQP user_id:
+    # RabbitMQ refuses a message whose user_id is not the connection's user, so
+    # the dispatcher can tell which account sent a report.
+    stamp_user_id: bool = True
 
     @property
     def embedded(self) -> bool:
@@ -158,6 +162,11 @@ class DispatcherSettings:
     # Run-time statistics used as a stage's expected run time when its node
     # gives no expected_s: the p95 of this many recent finished jobs.
     expected_sample: int = 50
+    # Broker accounts whose status reports (pilots) and data events (watchers,
+    # operators' p3s submit) are believed, by the validated AMQP user_id; empty:
+    # any account the broker lets publish there.
+    report_users: tuple[str, ...] = ()
+    event_users: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,9 @@ class PilotSettings:
     max_jobs: int = 0
     idle_exit_s: float = 0.0
     lifetime_s: float = 0.0
+    # A pilot started as root runs its payloads as this user (and its primary
+    # group), so a payload cannot read the pilot's credentials; empty: as itself.
+    payload_user: str = ""
 
 
 @dataclass(frozen=True)
