@@ -7,6 +7,7 @@ thread of its own with its own connection.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -136,6 +137,9 @@ def build_group(
     settings: Settings, watch: list[SourceSettings], pilots: int, reload_settings: Callable[[], Settings] | None = None
 ) -> Group:
     group = Group()
+    if watch and not settings.sources:
+        # The dispatcher checks every event's path against its stream's roots.
+        settings = dataclasses.replace(settings, sources=tuple(watch))
     group.dispatcher = make_dispatcher(settings, reload_settings)
     # Declare before anyone publishes, so no event or task is unroutable.
     from p3s import topology

@@ -196,6 +196,7 @@ class Publisher:
         self._outstanding: set[int] = set()
         self._nacked: list[int] = []
         self._lock = threading.RLock()
+        self._user_id: str | None = None
         self._keepalive = keepalive and not settings.embedded and settings.heartbeat_s > 0
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
@@ -216,6 +217,9 @@ class Publisher:
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)
         self._conn, self._channel = conn, channel
+        # RabbitMQ checks a message's user_id against the login of its connection, so
+        # a consumer can trust it to name the account that sent the message.
+        self._user_id = conn.userid if self._settings.stamp_user_id and conn.userid else None
         self._producer = Producer(channel)
         self._sent = 0
         self._outstanding = set()
@@ -303,6 +307,8 @@ class Publisher:
         # On RabbitMQ, straight to the channel: kombu's Producer costs four
         # times as much per message, which shows in the dispatcher's batches.
         properties: dict[str, Any] = {"delivery_mode": 2}
+        if self._user_id:
+            properties["user_id"] = self._user_id
         if expiration is not None:
             properties["expiration"] = str(int(expiration * 1000) or 1)
         message = amqp.Message(

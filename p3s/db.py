@@ -133,6 +133,8 @@ class Job(Base):
     queued_at: Mapped[float | None] = mapped_column(Float)
     # When the broker confirmed the job's task; NULL while queued means it may never have got there.
     published_at: Mapped[float | None] = mapped_column(Float)
+    # sha256 of the secret its task carries; a report about the job must carry the secret.
+    token_hash: Mapped[str | None] = mapped_column(String(64))
     started_at: Mapped[float | None] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float)
 
@@ -155,6 +157,7 @@ class Pilot(Base):
     job_id: Mapped[int | None] = mapped_column(BigInteger)
     jobs_done: Mapped[int] = mapped_column(Integer, default=0)
     problem: Mapped[str] = mapped_column(Text, default="")  # why a broken pilot takes no tasks
+    user: Mapped[str] = mapped_column(String(128), default="")  # the broker account it registered with
 
 
 def normalise_url(url: str) -> str:

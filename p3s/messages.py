@@ -7,8 +7,10 @@ dead-letter the body instead of failing half-way through it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -34,6 +36,7 @@ ID_RANGE = (1, 2**63 - 1)
 # Seconds since the epoch: 1970 to 2100.  Anything else is a clock or a forgery.
 EPOCH_RANGE = (0.0, 4102444800.0)
 DURATION_MAX = 366 * 86400.0
+TOKEN_MAX = 128
 
 
 def encode(message: Any) -> bytes:
@@ -190,6 +193,15 @@ def escape_undecodable(value: str) -> str:
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def token_hash(token: str) -> str:
+    """What the database keeps of a task's token: enough to check a report, not to forge one."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
+
+
 @dataclass(frozen=True)
 class Task:
     """One job for a pilot: what to run, how long it may take, and when it is too late."""
@@ -209,6 +221,9 @@ class Task:
     enqueued_at: float
     expected_s: float = 0.0
     stage_in: bool = False
+    # The job's secret for this task: its reports must carry it.  Never logged,
+    # never given to the payload; the database keeps only its hash.
+    token: str = field(default="", repr=False)
 
     @classmethod
     def parse(cls, body: bytes | str) -> Task:
@@ -240,6 +255,7 @@ class Task:
             enqueued_at=_number(data, "enqueued_at", EPOCH_RANGE),
             expected_s=_number(data, "expected_s", (0.0, DURATION_MAX), 0.0),
             stage_in=_field(data, "stage_in", bool, False),
+            token=_text(data, "token", TOKEN_MAX, ""),
         )
 
 
@@ -258,6 +274,7 @@ class JobReport:
     ended_at: float | None = None
     # The pilot refused a task the broker delivered a second time: it may have run already.
     redelivered: bool = False
+    token: str = field(default="", repr=False)  # the task's token: proof the sender took the task
 
     @classmethod
     def parse(cls, body: bytes | str) -> JobReport:
@@ -282,6 +299,7 @@ class JobReport:
             started_at=_number(data, "started_at", EPOCH_RANGE, None),
             ended_at=_number(data, "ended_at", EPOCH_RANGE, None),
             redelivered=_field(data, "redelivered", bool, False),
+            token=_text(data, "token", TOKEN_MAX, ""),
         )
 
 

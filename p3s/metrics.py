@@ -35,6 +35,12 @@ TASKS_ENQUEUED = Counter("p3s_tasks_enqueued", "Tasks published to a task queue.
 TASKS_UNCONFIRMED = Counter(
     "p3s_tasks_unconfirmed", "Tasks the broker did not confirm: published again later, or their jobs ended."
 )
+REPORTS_REFUSED = Counter(
+    "p3s_reports_refused",
+    "Reports and events not believed: no or a wrong token (token), another pilot's job (pilot), "
+    "or sent from an account not allowed to (account).",
+    ["reason"],
+)
 DUPLICATE_STARTS = Counter("p3s_jobs_started_twice", "Running reports for a job another pilot already runs.")
 DISPATCHER_ERRORS = Counter(
     "p3s_dispatcher_errors", "Batches the dispatcher could not record and handed back.", ["kind"]
@@ -78,6 +84,11 @@ TEMPLATE_BUDGET = Gauge(
 EVENTS_PUBLISHED = Counter("p3s_watcher_events_published", "Data events published and confirmed.", ["source"])
 WATCHER_BACKLOG = Gauge("p3s_watcher_backlog", "Data events waiting for the broker.")
 WATCHER_RESCANS = Counter("p3s_watcher_rescans", "Full rescans of a source (start-up or inotify overflow).", ["source"])
+WATCHER_FILES_REFUSED = Counter(
+    "p3s_watcher_files_refused",
+    "Files a source found but did not publish: special files, symlinks that leave its root.",
+    ["source", "reason"],
+)
 SOURCE_SWITCHES = Counter("p3s_watcher_source_switches", "A fallback source became active or idle.", ["source", "to"])
 # ``role`` is "primary" or "fallback": an alert fires while a fallback source is active.
 SOURCE_ACTIVE = Gauge(

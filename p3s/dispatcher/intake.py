@@ -12,13 +12,14 @@ from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from p3s import metrics
+from p3s.config import Settings
 from p3s.dagengine import Template
 from p3s.db import FileRecord, Job, Workflow
 from p3s.dispatcher.catalogue import TemplateRef
 from p3s.dispatcher.context import Context
 from p3s.dispatcher.jobs import has_slot, make_task, unpublished_tasks
 from p3s.dispatcher.sampling import fraction_for, keep
-from p3s.messages import DataEvent, Task
+from p3s.messages import DataEvent, Task, new_token, token_hash
 from p3s.states import Decision, JobState, WorkflowState
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,24 @@ log = logging.getLogger(__name__)
 _INSERTS = {model: insert(model.__table__) for model in (FileRecord, Workflow, Job)}
 _FILES_BY_NAME = select(FileRecord.id, FileRecord.name, FileRecord.dedup_key, FileRecord.seen_at,
                         FileRecord.source).where(FileRecord.name.in_(bindparam("names", expanding=True)))
+
+
+def roots_by_stream(settings: Settings) -> dict[str, tuple[str, ...]]:
+    """Where each stream's files may be: the locations (and URL prefixes) of its configured sources."""
+    roots: dict[str, list[str]] = {}
+    for src in settings.sources:
+        for root in (src.location, src.url_prefix):
+            if root:
+                roots.setdefault(src.stream, []).append(root.rstrip("/") or "/")
+    return {stream: tuple(r) for stream, r in roots.items()}
+
+
+def outside_roots(path: str, roots: Sequence[str]) -> bool:
+    """True unless ``path`` lies under one of ``roots`` without any ``.``/``..`` step to leave it."""
+    parts = path.split("://", 1)[-1].split("/")
+    if any(p in (".", "..") for p in parts):
+        return True
+    return not any(path == root or path.startswith(root if root.endswith("/") else root + "/") for root in roots)
 
 
 def record_events(
@@ -43,6 +62,7 @@ def record_events(
     commit and its publish loses nothing.
     """
     active = ctx.catalogue.active(session)
+    roots = roots_by_stream(ctx.settings)
     names = {e.name for e in events}
     known: set[str] = set()
     recorded: dict[tuple[str, float, str], int] = {}
@@ -65,6 +85,8 @@ def record_events(
             continue
         recorded[key] = 0
         refusal = refusals[i] if i < len(refusals) else ""
+        if not refusal and ev.stream in roots and outside_roots(ev.path, roots[ev.stream]):
+            refusal = f"path outside the roots of stream {ev.stream!r}"
         first = ev.name not in known and not refusal
         reason = ""
         matching: list[tuple[TemplateRef, Template]] = []
@@ -107,7 +129,7 @@ def record_events(
     file_rows: list[dict[str, Any]] = []
     wf_rows: list[dict[str, Any]] = []
     job_rows: list[dict[str, Any]] = []
-    queued: list[tuple[Template, Any, Any, Any]] = []
+    queued: list[tuple[Template, Any, Any, Any, str]] = []
     taken: dict[tuple[str, str], int] = {}
     for ev, decision, first, reason, matching in decided:
         file = {
@@ -160,15 +182,22 @@ def record_events(
                     "created_at": ctx.now,
                     "queued_at": None,
                     "published_at": None,
+                    "token_hash": None,
                     "started_at": None,
                     "ended_at": None,
                 }
                 if node.name in roots:
                     if has_slot(session, tpl, node.name, taken):
+                        token = new_token()
                         job.update(
-                            state=JobState.QUEUED.value, queued_at=ctx.now, priority=active.priority(tpl, node.name)
+                            state=JobState.QUEUED.value,
+                            queued_at=ctx.now,
+                            priority=active.priority(tpl, node.name),
+                            token_hash=token_hash(token),
                         )
-                        queued.append((tpl, SimpleNamespace(**wf), SimpleNamespace(**job), SimpleNamespace(**file)))
+                        queued.append(
+                            (tpl, SimpleNamespace(**wf), SimpleNamespace(**job), SimpleNamespace(**file), token)
+                        )
                     else:
                         job["held"] = True
                 job_rows.append(job)
@@ -179,7 +208,7 @@ def record_events(
     for model, rows in ((FileRecord, file_rows), (Workflow, wf_rows), (Job, job_rows)):
         if rows:
             conn.execute(_INSERTS[model], rows)
-    tasks = [make_task(session, ctx, tpl, wf, job, file) for tpl, wf, job, file in queued]
+    tasks = [make_task(session, ctx, tpl, wf, job, file, token) for tpl, wf, job, file, token in queued]
     if again:
         workflows = set(session.scalars(select(Workflow.id).where(Workflow.file_id.in_(sorted(again)))).all())
         tasks.extend(unpublished_tasks(session, ctx, workflows))

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from p3s import metrics
@@ -21,7 +21,8 @@ from p3s.dagengine import Template, can_transition, plan, workflow_state
 from p3s.db import FileRecord, Job, Workflow
 from p3s.dispatcher.catalogue import Active
 from p3s.dispatcher.context import Context
-from p3s.messages import JobReport, Task
+from p3s.errors import InvalidMessage
+from p3s.messages import JobReport, Task, new_token, token_hash
 from p3s.states import TERMINAL_JOB_STATES, JobState, WorkflowState
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,39 @@ log = logging.getLogger(__name__)
 NOT_PUBLISHED = "not published"
 
 
-def make_task(session: Session, ctx: Context, tpl: Template, wf: Any, job: Any, file: Any) -> Task:
-    """The task message of a queued job (``wf``, ``job`` and ``file`` are rows or look-alikes)."""
+class ReportRefused(InvalidMessage):
+    """A job report that cannot be believed: no or a wrong token, or not from the pilot that took the job."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+def check_report(job: Job, report: JobReport, holder: bool = True) -> None:
+    """Raise ReportRefused unless ``report`` proves it comes from the pilot that took ``job``'s task.
+
+    ``holder``: also require the pilot to be the one whose ``running`` report was accepted.
+    """
+    if job.token_hash is not None and (not report.token or token_hash(report.token) != job.token_hash):
+        raise ReportRefused("token", f"job {job.id}: report from pilot {report.pilot_id} without the job's token")
+    if holder and job.pilot_id is not None and job.pilot_id != report.pilot_id and not report.redelivered:
+        raise ReportRefused(
+            "pilot", f"job {job.id}: report from pilot {report.pilot_id}, but pilot {job.pilot_id} took the job"
+        )
+
+
+def make_task(
+    session: Session, ctx: Context, tpl: Template, wf: Any, job: Any, file: Any, token: str | None = None
+) -> Task:
+    """The task message of a queued job (``wf``, ``job`` and ``file`` are rows or look-alikes).
+
+    Each task gets a new secret token, and the job keeps its hash: only the
+    pilot that took this very task can report on the job.  ``token`` is given
+    where the caller already stored its hash (rows inserted in bulk).
+    """
+    if token is None:
+        token = new_token()
+        job.token_hash = token_hash(token)
     node = tpl.node(job.node)
     expected = node.expected_s
     if expected is None:
@@ -60,6 +92,7 @@ def make_task(session: Session, ctx: Context, tpl: Template, wf: Any, job: Any, 
         enqueued_at=ctx.now,
         expected_s=expected,
         stage_in=node.stage_in,
+        token=token,
     )
 
 
@@ -186,19 +219,26 @@ def move_job(session: Session, job_id: int, new: JobState, ctx: Context, **field
 
 
 def apply_job_report(session: Session, report: JobReport, ctx: Context) -> list[Task]:
-    """Record what a pilot said about a job; a terminal state is never left."""
+    """Record what a pilot said about a job; a terminal state is never left.
+
+    Raises ReportRefused, before changing anything, for a report that does
+    not prove it comes from the pilot that took the job's task.
+    """
     new = JobState(report.state)
     if new == JobState.RUNNING:
         return _job_started(session, report, ctx)
     job = session.get(Job, report.job_id)
-    if report.redelivered:
+    if job is None:
+        log.warning("job %s: report for an unknown job ignored", report.job_id)
+        return []
+    if report.redelivered and job.state != JobState.QUEUED:
         # Believed only while the job still waits: if it is running or ended,
         # the first delivery's pilot has it, and its reports rule.
-        if job is None or job.state != JobState.QUEUED:
-            log.info("job %s: pilot %s refused a redelivered copy; the job is %s",
-                     report.job_id, report.pilot_id, job.state if job else "unknown")
-            return []
-    if job is not None and JobState(job.state).terminal:
+        log.info("job %s: pilot %s refused a redelivered copy; the job is %s", report.job_id, report.pilot_id,
+                 job.state)
+        return []
+    check_report(job, report)
+    if JobState(job.state).terminal:
         level = logging.WARNING if job.state == JobState.LOST else logging.DEBUG
         log.log(
             level,
@@ -223,21 +263,31 @@ def apply_job_report(session: Session, report: JobReport, ctx: Context) -> list[
 
 def _job_started(session: Session, report: JobReport, ctx: Context) -> list[Task]:
     """A job started: one conditional UPDATE; nothing else moves, so the workflow is not locked."""
+    proof = token_hash(report.token) if report.token else ""
     row = session.execute(
         update(Job)
-        .where(Job.id == report.job_id, Job.state.in_([JobState.PENDING, JobState.QUEUED]))
+        .where(
+            Job.id == report.job_id,
+            Job.state.in_([JobState.PENDING, JobState.QUEUED]),
+            or_(Job.token_hash == proof, Job.token_hash.is_(None)),
+        )
         .values(state=JobState.RUNNING, pilot_id=report.pilot_id, started_at=report.started_at, log=report.log)
         .returning(Job.template, Job.node, Job.queued_at)
     ).first()
     if row is None:
-        holder = session.execute(select(Job.state, Job.pilot_id).where(Job.id == report.job_id)).first()
-        if holder is not None and holder.state == JobState.RUNNING and holder.pilot_id != report.pilot_id:
+        job = session.get(Job, report.job_id)
+        if job is None:
+            log.debug("job %s: running report from pilot %s for an unknown job ignored", report.job_id,
+                      report.pilot_id)
+            return []
+        check_report(job, report, holder=False)
+        if job.state == JobState.RUNNING and job.pilot_id != report.pilot_id:
             ctx.later(metrics.DUPLICATE_STARTS.inc)
             log.error("job %s: pilot %s started it while pilot %s runs it", report.job_id, report.pilot_id,
-                      holder.pilot_id)
+                      job.pilot_id)
         else:
-            log.debug("job %s: running report from pilot %s ignored, job unknown or moved on",
-                      report.job_id, report.pilot_id)
+            log.debug("job %s: running report from pilot %s ignored, job is %s", report.job_id, report.pilot_id,
+                      job.state)
         return []
     template, node, queued_at = row
     if report.started_at and queued_at:

@@ -8,18 +8,29 @@ from sqlalchemy.orm import Session
 
 from p3s.db import Pilot
 from p3s.dispatcher.context import Context
+from p3s.errors import InvalidMessage
 from p3s.messages import PilotReport
 from p3s.states import PilotState
 
 log = logging.getLogger(__name__)
 
 
-def apply_pilot_report(session: Session, report: PilotReport, ctx: Context) -> None:
+class ReportRefused(InvalidMessage):
+    """A pilot report from another broker account than the one the pilot registered with."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+def apply_pilot_report(session: Session, report: PilotReport, ctx: Context, user: str = "") -> None:
     """Create or refresh a pilot's record from its registration, heartbeat or goodbye.
 
     ``last_seen`` is the dispatcher's time of receipt: the reaper compares it
     with its own clock, and a worker node's clock may be off.  The pilot's own
-    ``sent_at`` only orders its reports.
+    ``sent_at`` only orders its reports.  ``user`` is the broker account that
+    sent the report (RabbitMQ's validated user_id): a pilot's reports must all
+    come from the account it registered with.
     """
     pilot = session.get(Pilot, report.pilot_id)
     state = PilotState.STOPPED if report.event == "stop" else PilotState(report.state)
@@ -36,10 +47,17 @@ def apply_pilot_report(session: Session, report: PilotReport, ctx: Context) -> N
             job_id=report.job_id,
             jobs_done=report.jobs_done,
             problem=report.problem,
+            user=user,
         )
         session.add(pilot)
         log.info("pilot %s: registered from %s pid %s, queues %s", pilot.id, report.host, report.pid, pilot.queues)
         return
+    if not pilot.user:
+        pilot.user = user  # recorded before accounts were, or by a deployment that does not stamp them
+    elif pilot.user != user:
+        raise ReportRefused(
+            "account", f"pilot {pilot.id}: report from broker account {user!r}, it registered as {pilot.user!r}"
+        )
     if pilot.last_sent_at is not None and report.sent_at < pilot.last_sent_at:
         return  # an older heartbeat overtaken by a newer one
     if pilot.state == PilotState.LOST:

@@ -94,6 +94,13 @@ class Item:
     message: Message
     payload: Any
     note: str = ""  # an event's refusal reason, or a dead letter's death reason
+    # Set while recording: this message is refused (kind, reason) once the batch commits.
+    refusal: tuple[str, str] | None = None
+
+
+def sender(message: Message) -> str:
+    """The broker account that published ``message``: RabbitMQ's validated user_id, or ""."""
+    return str((getattr(message, "properties", None) or {}).get("user_id") or "")
 
 
 class Dispatcher(broker.ReconnectingConsumer):
@@ -208,7 +215,20 @@ class Dispatcher(broker.ReconnectingConsumer):
     def _waiting(self) -> int:
         return len(self._events) + len(self._status) + len(self._expired)
 
+    def _from_account(self, message: Message, queue: str, allowed: tuple[str, ...], what: str) -> bool:
+        """False (and the message refused) if ``allowed`` names accounts and the sender is not one."""
+        if not allowed or sender(message) in allowed:
+            return True
+        metrics.REPORTS_REFUSED.labels("account").inc()
+        self._refuse(message, queue, f"{what} from broker account {sender(message) or '(none)'!r}, "
+                                     f"not one of {', '.join(allowed)}")
+        return False
+
     def _on_event(self, message: Message) -> None:
+        if not self._from_account(message, topology.events_queue.name, self.settings.dispatcher.event_users,
+                                  "data event"):
+            return
+
         def parse() -> None:
             try:
                 self._events.append(Item(message, DataEvent.parse(message.body)))
@@ -218,6 +238,9 @@ class Dispatcher(broker.ReconnectingConsumer):
         self._take(message, topology.events_queue.name, parse)
 
     def _on_status(self, message: Message) -> None:
+        if not self._from_account(message, topology.status_queue.name, self.settings.dispatcher.report_users,
+                                  "status report"):
+            return
         self._take(message, topology.status_queue.name,
                    lambda: self._status.append(Item(message, parse_status(message.body))))
 
@@ -286,10 +309,16 @@ class Dispatcher(broker.ReconnectingConsumer):
         again: set[int] = set()
         for item in items:
             report = item.payload
-            if isinstance(report, PilotReport):
-                pilots.apply_pilot_report(session, report, ctx)
+            item.refusal = None
+            try:
+                if isinstance(report, PilotReport):
+                    pilots.apply_pilot_report(session, report, ctx, sender(item.message))
+                    continue
+                # The checks come before any change, so a refused report leaves nothing behind.
+                tasks.extend(jobs.apply_job_report(session, report, ctx))
+            except (jobs.ReportRefused, pilots.ReportRefused) as exc:
+                item.refusal = (exc.kind, str(exc))
                 continue
-            tasks.extend(jobs.apply_job_report(session, report, ctx))
             ended = ended or JobState(report.state).terminal
             if redelivered(item.message):
                 again.add(report.job_id)
@@ -338,7 +367,12 @@ class Dispatcher(broker.ReconnectingConsumer):
             return
         self._database_back()
         ctx.committed()
-        self._publish_and_ack(tasks, [i.message for i in items], ctx.now)
+        for item in items:
+            if item.refusal is not None:
+                kind, reason = item.refusal
+                metrics.REPORTS_REFUSED.labels(kind).inc()
+                self._refuse(item.message, queue, reason)
+        self._publish_and_ack(tasks, [i.message for i in items if i.refusal is None], ctx.now)
 
     def _commit(self, work: Callable[[Session, Context], list[Task]]) -> tuple[Context, list[Task]]:
         """Run ``work`` in a transaction and commit; a race with another dispatcher is tried again."""

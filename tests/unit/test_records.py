@@ -46,14 +46,24 @@ def add_template(engine, text: str, name: str) -> None:
         admin.import_template(s, parse_graphml(text, name=name))
 
 
+# The token of each task handed out, as the pilot that took it would carry it in its reports.
+TOKENS: dict[int, str] = {}
+
+
+def _keep_tokens(tasks: list) -> list:
+    TOKENS.update({t.job_id: t.token for t in tasks})
+    return tasks
+
+
 def record(engine, events: list[DataEvent], c: Context) -> list:
     with Session(engine) as s, s.begin():
-        return intake.record_events(s, events, c)
+        return _keep_tokens(intake.record_events(s, events, c))
 
 
 def report(engine, job_id: int, state: JobState, c: Context, **kw: object) -> list:
+    kw.setdefault("token", TOKENS.get(job_id, ""))
     with Session(engine) as s, s.begin():
-        return apply_job_report(s, JobReport(job_id, state, "pilot-1", **kw), c)  # type: ignore[arg-type]
+        return _keep_tokens(apply_job_report(s, JobReport(job_id, state, "pilot-1", **kw), c))  # type: ignore[arg-type]
 
 
 def jobs(engine) -> dict[str, dict]:
@@ -240,3 +250,56 @@ def test_audit_finds_what_is_wrong(engine, tmp_path: Path) -> None:
     assert any("workflows whose state disagrees" in p for p in report_.problems)
     assert report_.streams == [{"stream": "raw", "seen": 2, "accepted": 2, "sampled_out": 0, "duplicate": 0,
                                 "shed": 0, "refused": 0}]
+
+
+def test_a_report_without_the_right_token_or_from_another_pilot_changes_nothing(engine, tmp_path: Path) -> None:
+    from p3s.dispatcher.jobs import ReportRefused
+
+    c = ctx(tmp_path)
+    add_template(engine, graphml({"a": {"command": "true"}, "b": {"command": "true"}}, edges=[("a", "b")]), "t")
+    (task,) = record(engine, [event("f1")], c)
+    now = time.time()
+    for forged in (
+        JobReport(task.job_id, JobState.FINISHED, "pilot-1", ended_at=now, exit_code=0),  # no token
+        JobReport(task.job_id, JobState.FINISHED, "pilot-1", ended_at=now, exit_code=0, token="0" * 32),
+        JobReport(task.job_id, JobState.RUNNING, "pilot-1", started_at=now, token="f" * 32),
+    ):
+        with pytest.raises(ReportRefused, match="token"), Session(engine) as s, s.begin():
+            apply_job_report(s, forged, c)
+    assert jobs(engine)["a"]["state"] == "queued"
+    report(engine, task.job_id, JobState.RUNNING, c, started_at=now)
+    with pytest.raises(ReportRefused, match="took the job"), Session(engine) as s, s.begin():
+        apply_job_report(s, JobReport(task.job_id, JobState.FINISHED, "pilot-2", ended_at=now, exit_code=0,
+                                      token=task.token), c)
+    assert jobs(engine)["a"]["state"] == "running" and jobs(engine)["b"]["state"] == "pending"
+    (child,) = report(engine, task.job_id, JobState.FINISHED, c, ended_at=now, exit_code=0)
+    assert child.node == "b" and child.token and child.token != task.token
+
+
+def test_a_path_outside_the_roots_of_its_stream_is_refused(engine, tmp_path: Path) -> None:
+    import dataclasses
+
+    from p3s.config import SourceSettings
+
+    add_template(engine, graphml({"m": {"command": "true"}}), "monitor")
+    settings = dataclasses.replace(
+        make_settings(tmp_path),
+        sources=(SourceSettings(name="buffer", location="/data/buffer", stream="raw"),
+                 SourceSettings(name="eos", kind="xrootd", location="root://eos.example.org//eos/np04", stream="raw")),
+    )
+    events = [
+        DataEvent("ok.dat", "/data/buffer/run1/ok.dat", "raw", time.time()),
+        DataEvent("eos.dat", "root://eos.example.org//eos/np04/run1/eos.dat", "raw", time.time()),
+        DataEvent("shadow", "/etc/shadow", "raw", time.time()),
+        DataEvent("up.dat", "/data/buffer/../secret/up.dat", "raw", time.time()),
+        DataEvent("near.dat", "/data/buffer-other/near.dat", "raw", time.time()),
+        DataEvent("other.dat", "/anywhere/other.dat", "calib", time.time()),  # a stream with no roots: unchecked
+    ]
+    with Session(engine) as s, s.begin():
+        tasks = intake.record_events(s, events, Context(settings))
+    assert sorted(t.values["input_name"] for t in tasks) == ["eos.dat", "ok.dat", "other.dat"]
+    with Session(engine) as s:
+        files = {f["name"]: f for f in admin.list_files(s)}
+    for name in ("shadow", "up.dat", "near.dat"):
+        assert files[name]["decision"] == "refused", files[name]
+        assert files[name]["reason"] == "path outside the roots of stream 'raw'"
