@@ -33,6 +33,7 @@ from p3s.broker import Outgoing, Publisher
 from p3s.config import Settings
 from p3s.db import Job, Pilot
 from p3s.dispatcher import intake, jobs, pilots, reaper
+from p3s.dispatcher.admission import Admission
 from p3s.dispatcher.catalogue import Catalogue
 from p3s.dispatcher.context import Context, IdAllocator
 from p3s.errors import BrokerUnavailable, ConfigError, InvalidMessage
@@ -120,6 +121,7 @@ class Dispatcher(broker.ReconnectingConsumer):
         self.publisher = Publisher(settings.broker, exchanges=[topology.tasks_exchange, topology.invalid_exchange])
         self.catalogue = Catalogue()
         self.ids = IdAllocator()
+        self.admission = Admission()
         self.should_stop = False
         self.reload_requested = False
         self._events: list[Item] = []
@@ -381,7 +383,7 @@ class Dispatcher(broker.ReconnectingConsumer):
             ctx = self._context()
             try:
                 with Session(self.engine) as session, session.begin():
-                    tasks = work(session, ctx)
+                    tasks = self.admission.admit(session, ctx, work(session, ctx))
                 return ctx, tasks
             except IntegrityError as exc:
                 # Another dispatcher claimed a file name in the same instant:
