@@ -6,6 +6,11 @@ process group, and every process the payload started (see
 :mod:`p3s.pilot.contain`), gets SIGTERM, then SIGKILL after a grace period;
 at the end of the job whatever is left gets SIGKILL, so nothing the payload
 started outlives it.
+
+A pilot started as root with ``pilot.payload_user`` runs the payload (and its
+stage-in copy) as that user and its primary group, in a work directory and an
+output directory made that user's; the log file stays the pilot's, opened by
+the pilot and handed to the payload as its standard output.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from p3s.dagengine import expand, expand_env
 from p3s.messages import Task
 from p3s.pilot.contain import Containment
+from p3s.pilot.identity import RunAs
 from p3s.pilot.stagein import StageIn, StageInError
 from p3s.states import JobState
 
@@ -76,6 +82,25 @@ def _pdeathsig() -> tuple[list[str], Callable[[], None] | None]:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
     return [], hook
+
+
+def _launch(run_as: RunAs | None) -> tuple[list[str], Callable[[], None] | None, dict[str, Any]]:
+    """The argv prefix, preexec hook and Popen arguments that start a payload as ``run_as`` (None: as the pilot).
+
+    With setpriv, one exec changes the user, then sets the parent-death
+    signal: the kernel clears that signal when the user changes, so the order
+    matters (setpriv applies its options in that order whatever the order on
+    its command line).  Without it, Popen changes the user and the hook runs
+    after.  The cgroup prefix runs before either, as the pilot: the payload's
+    user may not write to the cgroup.
+    """
+    prefix, hook = _pdeathsig()
+    if run_as is None:
+        return prefix, hook, {}
+    if prefix:
+        drop = [f"--reuid={run_as.uid}", f"--regid={run_as.gid}", "--clear-groups"]
+        return [prefix[0], *drop, *prefix[1:]], None, {}
+    return [], hook, {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
 
 
 def _startable(program: str, env: dict[str, str]) -> str | None:
@@ -124,12 +149,18 @@ def payload_values(task: Task, workdir: str) -> dict[str, str | list[str]]:
     return values
 
 
-def payload_env(task: Task, values: dict[str, str | list[str]]) -> dict[str, str]:
-    """The payload's environment: the pilot's, the P3S_* values, then the node's ``env``."""
+def payload_env(task: Task, values: dict[str, str | list[str]], run_as: RunAs | None = None) -> dict[str, str]:
+    """The payload's environment: the pilot's, its user's HOME, the P3S_* values, then the node's ``env``.
+
+    Nothing of the task but its placeholder values and these fields: not its
+    token, which proves the pilot's reports and is not the payload's to know.
+    """
     env = dict(os.environ)
     # The pilot's own secrets (broker URL and passwords) are not the payload's business.
     for key in [k for k in env if k.startswith("P3S_")]:
         del env[key]
+    if run_as is not None:
+        env.update(run_as.environ())
     parents = values.get("parent_outdirs", [])
     env.update(
         {
@@ -194,12 +225,14 @@ def run_payload(
     slice_s: float = 1.0,
     stage_in: StageIn | None = None,
     contain: Containment | None = None,
+    run_as: RunAs | None = None,
 ) -> Outcome:
     """Run ``task``'s payload to its end, its wall limit, or a kill request; clean up after it.
 
     Whatever fails while the job is prepared (a full or read-only disk, a
     missing input) ends it ``failed`` with a reason that names the cause; no
-    OSError leaves this function.
+    OSError leaves this function.  With ``run_as`` the payload runs as that
+    user, in a work and an output directory made its own.
     """
     contain = contain or Containment("pilot", task.job_id)
     root = work_root or tempfile.gettempdir()
@@ -210,24 +243,35 @@ def run_payload(
             if work_root:
                 Path(work_root).mkdir(parents=True, exist_ok=True)
             workdir = tempfile.mkdtemp(prefix=f"p3s-job{task.job_id}-", dir=work_root or None)
+        if run_as is not None:
+            with _step(f"giving the work directory {workdir} to user {run_as.name}"):
+                run_as.give(workdir)
         values = payload_values(task, workdir)
         outdir = values.get("outdir")
         if isinstance(outdir, str) and outdir:
             with _step(f"creating the output directory {outdir}"):
                 Path(outdir).mkdir(parents=True, exist_ok=True)
+            if run_as is not None:
+                with _step(f"giving the output directory {outdir} to user {run_as.name}"):
+                    run_as.give(outdir)
+        if run_as is not None:
+            for where in (workdir, outdir):
+                closed = run_as.can_enter(where) if isinstance(where, str) and where else ""
+                if closed:
+                    raise PrepareError(f"payload user {run_as.name} may not enter {closed}, on the way to {where}")
         with _step(f"creating the log directory {logfile.parent}"):
             logfile.parent.mkdir(parents=True, exist_ok=True)
         if stage_in is not None and task.stage_in:
             try:
-                stage_in(task, workdir, values, between_slices, contain)
+                stage_in(task, workdir, values, between_slices, contain, run_as=run_as)
             except OSError as exc:  # StageInError among them
                 raise PrepareError(str(exc) if isinstance(exc, StageInError) else f"stage-in: {describe(exc)}") from exc
         argv = expand(task.argv, values)
-        env = contain.environ(payload_env(task, values))
+        env = contain.environ(payload_env(task, values, run_as))
         with _step(f"opening the log file {logfile}"):
             out = open(logfile, "wb")  # noqa: SIM115 -- closed below, after the start
         with out:
-            prefix, hook = _pdeathsig()
+            prefix, hook, as_user = _launch(run_as)
             why = _startable(argv[0], env)
             if why is not None:
                 _note(out, f"p3s: cannot start {argv[0]!r}: {why}\n")
@@ -244,6 +288,7 @@ def run_payload(
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # its own process group, so killpg reaches grandchildren
                     preexec_fn=hook,
+                    **as_user,
                 )
             except OSError as exc:
                 _note(out, f"p3s: cannot start {argv[0]!r}: {exc.strerror}\n")
@@ -333,12 +378,18 @@ def _wait(
             proc.wait()
 
 
-def root_problem(work_root: str, log_root: Path) -> str:
+def root_problem(work_root: str, log_root: Path, run_as: RunAs | None = None) -> str:
     """Why no job can be prepared here now, or "": a small file made and removed under each root.
 
     A directory alone is not enough of a test: a full filesystem may still
-    have an inode left for it, and fail the first write of the payload.
+    have an inode left for it, and fail the first write of the payload.  With
+    ``run_as``, that user must also be able to reach the work root.
     """
+    if run_as is not None:
+        where = work_root or tempfile.gettempdir()
+        closed = run_as.can_enter(where)
+        if closed:
+            return f"the work root {where} is unusable: payload user {run_as.name} may not enter {closed}"
     for what, where in (("work root", work_root or tempfile.gettempdir()), ("log root", str(log_root))):
         try:
             Path(where).mkdir(parents=True, exist_ok=True)

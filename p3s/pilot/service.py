@@ -4,10 +4,16 @@ A pilot needs broker credentials only.  It acks a task the moment it takes it
 (no redelivery, and no ``consumer_timeout`` for a long job), checks the
 deadline before running anything, and sends heartbeats throughout so the
 dispatcher can tell a dead pilot from a busy one.
+
+Every report about a job carries the task's token, the dispatcher's proof
+that the sender took that very task.  The token goes no further than those
+reports: not to the log, not to the payload (its runner is given the task
+without it), not to disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -29,6 +35,7 @@ from p3s.messages import JobReport, PilotReport, Task, encode
 from p3s.pilot.admission import refusal
 from p3s.pilot.consumer import TaskConsumer
 from p3s.pilot.contain import Containment
+from p3s.pilot.identity import payload_identity
 from p3s.pilot.runner import Outcome, log_path, root_problem, run_payload
 from p3s.pilot.stagein import stage_in
 from p3s.states import JobState, PilotState
@@ -64,6 +71,9 @@ class Pilot(broker.ReconnectingConsumer):
         limits: Limits | None = None,
         pilot_id: str | None = None,
     ) -> None:
+        # First, before any connection of its own: a pilot that may not run its
+        # payloads as the configured user does not start (ConfigError).
+        self.run_as = payload_identity(settings.pilot.payload_user)
         self.settings = settings
         self.connection = connection
         self.queues = tuple(queues or settings.pilot.queues)
@@ -92,6 +102,9 @@ class Pilot(broker.ReconnectingConsumer):
         self.problem = ""
         self._next_check = 0.0
         self._contain: Containment | None = None
+        if self.run_as is not None:
+            log.info("pilot %s: runs payloads as user %s (uid %d, gid %d)",
+                     self.id, self.run_as.name, self.run_as.uid, self.run_as.gid)
 
     # -- kombu hooks --------------------------------------------------------
 
@@ -242,7 +255,7 @@ class Pilot(broker.ReconnectingConsumer):
     def _check_roots(self) -> None:
         """Take tasks only while a job can be prepared here; say why not in the heartbeats."""
         pilot = self.settings.pilot
-        problem = root_problem(pilot.work_root, self.settings.log_path)
+        problem = root_problem(pilot.work_root, self.settings.log_path, self.run_as)
         self._next_check = time.monotonic() + min(ROOT_RECHECK_S, pilot.heartbeat_s)
         if problem == self.problem:
             return
@@ -295,10 +308,13 @@ class Pilot(broker.ReconnectingConsumer):
         self._current = task
         log.info("job %s: running %s/%s", task.job_id, task.template, task.node)
         logfile = str(log_path(self.settings.log_path, task))
+        # The runner, the stage-in and the payload never see the token: nothing
+        # there can leak what they are not given.
+        blind = dataclasses.replace(task, token="")
         try:
             self._contain = Containment(self.id, task.job_id)
             outcome = run_payload(
-                task,
+                blind,
                 work_root=self.settings.pilot.work_root or None,
                 log_root=self.settings.log_path,
                 on_start=lambda t: self._report_job(
@@ -310,6 +326,7 @@ class Pilot(broker.ReconnectingConsumer):
                 slice_s=min(1.0, self.settings.pilot.heartbeat_s),
                 stage_in=stage_in,
                 contain=self._contain,
+                run_as=self.run_as,
             )
         except Exception as exc:  # noqa: BLE001 -- the task was acked: it must end with a report
             log.error("job %s: pilot %s failed to run it: %r", task.job_id, self.id, exc, exc_info=True)
@@ -350,6 +367,8 @@ class Pilot(broker.ReconnectingConsumer):
     # -- reporting ------------------------------------------------------------
 
     def _report_job(self, task: Task, report: JobReport) -> None:
+        """Send ``report`` on ``task``'s job, with the task's token: every report on a job passes here."""
+        report = dataclasses.replace(report, token=task.token)
         self._send(Outgoing(topology.status_exchange, topology.status_routing_key("job", report.state), encode(report)))
 
     def _report_pilot(self, event: str) -> None:

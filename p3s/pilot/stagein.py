@@ -4,7 +4,9 @@ The copy is a subprocess (``xrdcp`` for ``root://`` URLs, ``cp`` for a path),
 waited for in slices like a payload: the pilot's heartbeats go on while a large
 file or a slow mount is read, and at its deadline the copy is killed and the
 job fails with a reason that says so.  A copy in a thread could not be stopped
-on a hung mount or a pipe that never ends.
+on a hung mount or a pipe that never ends.  Under ``pilot.payload_user`` the
+copy runs as the payload's user: a root pilot reads nothing on a payload's
+behalf that the payload could not read itself.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from p3s.messages import Task
 
 if TYPE_CHECKING:
     from p3s.pilot.contain import Containment
+    from p3s.pilot.identity import RunAs
 
 STAGE_IN_TIMEOUT_S = 600.0
 SLICE_S = 0.5
@@ -38,6 +41,8 @@ class StageIn(Protocol):
         values: dict[str, str | list[str]],
         between_slices: Callable[[], None],
         contain: Containment | None = None,
+        *,
+        run_as: RunAs | None = None,
     ) -> None: ...
 
 
@@ -54,6 +59,8 @@ def stage_in(
     between_slices: Callable[[], None] = lambda: None,
     contain: Containment | None = None,
     timeout_s: float | None = None,
+    *,
+    run_as: RunAs | None = None,
 ) -> None:
     """Copy ``values['input']`` into ``workdir`` and point ``{input}`` at the copy.
 
@@ -68,7 +75,7 @@ def stage_in(
         argv = ["xrdcp", "--nopbar", "--force", source, str(target)]
     else:
         argv = ["cp", "--", source, str(target)]
-    _copy(argv, source, timeout_s, between_slices, contain)
+    _copy(argv, source, timeout_s, between_slices, contain, run_as)
     values["input"] = str(target)
 
 
@@ -78,14 +85,19 @@ def _copy(
     timeout_s: float,
     between_slices: Callable[[], None],
     contain: Containment | None,
+    run_as: RunAs | None = None,
 ) -> None:
     env = dict(os.environ) if contain is None else contain.environ(dict(os.environ))
     # The pilot's own settings (broker URL, passwords) are not the copy's business.
     for key in [k for k in env if k.startswith("P3S_") and k != "P3S_PAYLOAD_MARK"]:
         del env[key]
+    as_user: dict[str, Any] = {}
+    if run_as is not None:
+        env.update(run_as.environ())
+        as_user = {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, env=env, start_new_session=True)
+                                stderr=subprocess.PIPE, env=env, start_new_session=True, **as_user)
     except OSError as exc:
         raise StageInError(f"stage-in of {source} failed: cannot run {argv[0]}: {exc.strerror}") from exc
     end = time.monotonic() + timeout_s
