@@ -4,12 +4,22 @@ A file is complete when its writer closes it (IN_CLOSE_WRITE) or when it is
 renamed into the tree (IN_MOVED_TO, the usual write-then-rename).  New
 subdirectories, such as one per run, are watched as they appear and scanned
 at once, since files may land in them before the watch is in place.
+
+What is published follows the rule in p3s/watcher/files.py, live and at a
+rescan alike.  An entry that is not a regular file is judged when it appears
+(IN_CREATE or IN_MOVED_TO), since no IN_CLOSE_WRITE comes for a symlink made
+in place: a symlink created in the tree that resolves inside the root to a
+regular file is published at once, as a rescan would, and a FIFO, socket or
+device made in place is refused at once, as a rescan would.  A regular file's
+IN_CREATE is not a decision: it is complete only at its IN_CLOSE_WRITE.  No
+directory is watched through a symlink.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +28,13 @@ from inotify_simple import INotify, flags
 
 from p3s import metrics
 from p3s.config import SourceSettings
-from p3s.watcher.files import FileSeen, Selector
+from p3s.watcher.files import OLD, Admitted, FileSeen, LocalRoot, Selector
 
 log = logging.getLogger(__name__)
 
 FILE_MASK = flags.CLOSE_WRITE | flags.MOVED_TO
+# IN_CREATE of what is not a directory: only a decision for an entry that is not a regular file.
+MADE_MASK = flags.CREATE
 DIR_MASK = flags.CREATE | flags.MOVED_TO
 WATCH_MASK = FILE_MASK | DIR_MASK | flags.DELETE_SELF | flags.ONLYDIR
 
@@ -35,6 +47,7 @@ class InotifySource:
         self.name = settings.name
         self.root = Path(settings.location)
         self.selector = selector
+        self.rule = LocalRoot(settings.name, settings.location)
         self._inotify = INotify()
         self._paths: dict[int, Path] = {}
         self._watch_tree(self.root)
@@ -43,19 +56,29 @@ class InotifySource:
         return self._inotify.fileno()
 
     def _watch(self, directory: Path) -> None:
+        # The root may be given through a symlink; below it, a directory replaced by a symlink
+        # since it was listed fails to be watched (IN_DONT_FOLLOW with IN_ONLYDIR).
+        mask = WATCH_MASK if directory == self.root else WATCH_MASK | flags.DONT_FOLLOW
         try:
-            wd = self._inotify.add_watch(directory, WATCH_MASK)
+            wd = self._inotify.add_watch(directory, mask)
         except OSError as exc:
             log.warning("source %s: cannot watch %s: %s", self.name, directory, exc.strerror)
             return
         self._paths[wd] = directory
 
+    def _walk(self, top: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+        """``os.walk`` of the wanted directories, with symlinks to directories listed among the files."""
+        for dirpath, dirnames, filenames in os.walk(top):
+            links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            # os.walk does not descend into links, but lists them as directories: they are entries to judge.
+            dirnames[:] = [d for d in dirnames if d not in links and self.selector.wanted_dir(d)]
+            yield Path(dirpath), dirnames, filenames + links
+
     def _watch_tree(self, top: Path) -> None:
         self._watch(top)
-        for dirpath, dirnames, _files in os.walk(top):
-            dirnames[:] = [d for d in dirnames if self.selector.wanted_dir(d)]
+        for dirpath, dirnames, _files in self._walk(top):
             for d in dirnames:
-                self._watch(Path(dirpath) / d)
+                self._watch(dirpath / d)
 
     def read(self) -> list[FileSeen]:
         """The complete files reported since the last call (never blocks)."""
@@ -83,28 +106,36 @@ class InotifySource:
                     self._watch_tree(path)
                     seen.extend(self._scan_dir(path, None))
                 continue
-            if ev.mask & FILE_MASK and self.selector.wanted(ev.name):
-                item = self._seen(path, now)
+            if ev.mask & (FILE_MASK | MADE_MASK) and self.selector.wanted(ev.name):
+                item = self._seen(path, now, made=not ev.mask & FILE_MASK)
                 if item is not None:
                     seen.append(item)
         return seen
 
-    def _seen(self, path: Path, now: float) -> FileSeen | None:
+    def _seen(self, path: Path, now: float, horizon: float = 0.0, made: bool = False) -> FileSeen | None:
+        """The file to publish for ``path``, or None: refused, older than ``horizon``, gone, or not complete yet."""
         try:
-            st = path.stat()
+            lst = os.lstat(path)
         except FileNotFoundError:
             return None  # renamed or deleted since: its new name has its own event
-        return FileSeen(path=path, size=st.st_size, mtime=st.st_mtime, seen_at=now)
+        if made and stat.S_ISREG(lst.st_mode):
+            return None  # just created: complete at its IN_CLOSE_WRITE
+        found = self.rule.admit(str(path), lst, horizon)
+        if found is None or found == OLD:
+            return None
+        assert isinstance(found, Admitted)
+        st = found.st
+        return FileSeen(path=Path(found.path), size=st.st_size, mtime=st.st_mtime, seen_at=now, name=path.name)
 
     def _scan_dir(self, top: Path, max_age_s: float | None) -> Iterator[FileSeen]:
         now = time.time()
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = [d for d in dirnames if self.selector.wanted_dir(d)]
-            for name in filenames:
+        horizon = 0.0 if max_age_s is None else now - max_age_s
+        for dirpath, _dirnames, names in self._walk(top):
+            for name in names:
                 if not self.selector.wanted(name):
                     continue
-                item = self._seen(Path(dirpath) / name, now)
-                if item is not None and (max_age_s is None or now - item.mtime <= max_age_s):
+                item = self._seen(dirpath / name, now, horizon)
+                if item is not None:
                     yield item
 
     def scan(self, max_age_s: float | None) -> list[FileSeen]:

@@ -11,6 +11,12 @@ removing an entry changes it), the ``newest_dirs`` newest ones (mtimes are
 coarse on some mounts, and a file growing in place leaves its directory's mtime
 alone), and those holding files not yet stable.  Within a listed directory, only
 files not yet published are stat'ed.
+
+What is published follows the rule in p3s/watcher/files.py: each entry is
+lstat'ed, a symlink is resolved and published under its resolved path only
+if it stays inside the root, and a special file is refused, at start-up and
+in later scans alike.  A symlink to a directory is an entry, never a
+directory to list.
 """
 
 from __future__ import annotations
@@ -19,12 +25,11 @@ import heapq
 import logging
 import os
 import posixpath
-import stat
 import time
 from pathlib import Path
 
 from p3s.config import SourceSettings
-from p3s.watcher.files import FileSeen, Health, Selector, Stability
+from p3s.watcher.files import OLD, Admitted, FileSeen, Health, LocalRoot, Selector, Stability
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ class PollSource(Health):
         self.name = settings.name
         self.root = settings.location.rstrip("/") or "/"
         self.selector = selector
+        self.rule = LocalRoot(settings.name, self.root)
         self.interval_s = settings.scan_interval_s
         self.newest = max(0, settings.newest_dirs)
         self.rescan_age_s = rescan_age_s
@@ -180,18 +186,24 @@ class PollSource(Health):
                 old.add(name)
                 continue
             try:
-                st = os.stat(path)
+                lst = os.stat(path, follow_symlinks=False)
             except FileNotFoundError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
                 continue
             # A name absent from this directory's last listing is new even with an old mtime
             # (``mv`` keeps it); elsewhere an mtime older than the horizon means an old file.
-            if not remembered and st.st_mtime < self._horizon:
+            found = self.rule.admit(path, lst, 0.0 if remembered else self._horizon)
+            if found == OLD:
                 old.add(name)
                 continue
+            if found is None:
+                continue  # refused (logged and counted once), or gone
+            assert isinstance(found, Admitted)
+            st = found.st
+            # Keyed by the name listed, a link's too: that is what must hold still and be published once.
             if self.stability.observe(path, st.st_size, st.st_mtime, max(st.st_mtime, now)):
-                out.append(FileSeen(path=Path(path), size=st.st_size, mtime=st.st_mtime, seen_at=now))
+                out.append(
+                    FileSeen(path=Path(found.path), size=st.st_size, mtime=st.st_mtime, seen_at=now, name=name)
+                )
         if stat_files:
             self._old[directory] = old
             for key in [k for k in self.stability.pending if posixpath.dirname(k) == directory and k not in names]:

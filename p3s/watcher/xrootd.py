@@ -10,6 +10,9 @@ directory is among the newest; DAQ trees (one directory per run) are one or two
 levels deep, where this holds.  Same stability rule as the poll source; events
 carry ``root://`` URLs.  A listing that fails or takes longer than
 ``health_timeout_s`` marks the source unhealthy, and the scan is abandoned.
+A listing shows no symlinks (the server resolves them); a listed path that is
+not below the root, or has a ``.`` or ``..`` component, is neither published
+nor listed, but refused as in p3s/watcher/files.py (``path outside root``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
 from p3s.config import SourceSettings
-from p3s.watcher.files import FileSeen, Health, Selector, Stability
+from p3s.watcher.files import PATH_OUTSIDE, FileSeen, Health, Refusals, Selector, Stability, inside
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,7 @@ class XrootdSource(Health):
         self.url_base = settings.url_prefix.rstrip("/") if settings.url_prefix else ""
         self._server_url = f"{scheme}://{self.server}/"
         self.selector = selector
+        self.refusals = Refusals(settings.name)
         self.xrdfs = xrdfs
         self.interval_s = settings.scan_interval_s
         self.newest = max(0, settings.newest_dirs)
@@ -113,6 +117,13 @@ class XrootdSource(Health):
 
     def fileno(self) -> int | None:
         return None
+
+    def under_root(self, path: str) -> bool:
+        """Whether a listed path names an entry below the root: absolute, no ``.`` or ``..`` in it."""
+        if not path.startswith("/") or any(part in (".", "..") for part in path.split("/")):
+            return False
+        # normpath keeps a leading "//" (POSIX leaves its meaning open): the server does not.
+        return bool(inside(posixpath.normpath("/" + path.lstrip("/")), self.root))
 
     def url_of(self, path: str) -> str:
         if self.url_base:
@@ -188,6 +199,10 @@ class XrootdSource(Health):
             names: set[str] = set()
             subdirs: set[str] = set()
             for e in entries:
+                if not self.under_root(e.path):
+                    # A server (or a name) that would take pilots, or the next listing, out of the root.
+                    self.refusals.refuse(e.path, PATH_OUTSIDE, (e.is_dir, e.size, e.mtime))
+                    continue
                 name = PurePosixPath(e.path).name
                 if e.is_dir:
                     if not self.selector.wanted_dir(name):
