@@ -96,10 +96,20 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_dag_import(args: argparse.Namespace) -> int:
-    from p3s.dagengine import parse_graphml
-    from p3s.dispatcher import admin
+    import dataclasses
 
-    tpl = parse_graphml(Path(args.file).read_bytes(), name=args.name)
+    from p3s.dagengine import TemplateLimits, parse_graphml
+    from p3s.dispatcher import admin
+    from p3s.errors import TemplateError
+
+    limits = TemplateLimits(**dataclasses.asdict(settings_of(args).templates))
+    try:
+        with open(args.file, "rb") as fh:
+            # One byte past the limit is enough to refuse: a huge file is never read whole.
+            data = fh.read(limits.max_bytes + 1)
+    except OSError as exc:
+        raise TemplateError(f"cannot read template file {args.file}: {exc.strerror}") from None
+    tpl = parse_graphml(data, name=args.name, limits=limits)
     with session_of(args) as s, s.begin():
         record = admin.import_template(s, tpl)
         print(

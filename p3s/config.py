@@ -194,6 +194,18 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class TemplatesSettings:
+    """Limits on an imported template (p3s.dagengine.TemplateLimits has the same fields)."""
+
+    max_bytes: int = 5_000_000
+    max_nodes: int = 2000
+    max_edges: int = 20_000
+    max_depth: int = 32
+    max_wall_s: float = 7 * 24 * 3600.0
+    max_budget_s: float = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """The effective configuration of every p3s part."""
 
@@ -208,6 +220,7 @@ class Settings:
     dispatcher: DispatcherSettings = DispatcherSettings()
     pilot: PilotSettings = PilotSettings()
     metrics: MetricsSettings = MetricsSettings()
+    templates: TemplatesSettings = TemplatesSettings()
     # Fraction of files to process, by stream name or by glob on the file name.
     sampling: Mapping[str, float] = field(default_factory=dict)
     source_file: str = ""
@@ -385,3 +398,6 @@ def _validate(s: Settings) -> None:
         raise ConfigError("broker.max_queue_length: must be 0 (unbounded) or positive")
     if s.dispatcher.batch_size < 1:
         raise ConfigError("dispatcher.batch_size: must be at least 1")
+    for key, limit in dataclasses.asdict(s.templates).items():
+        if not limit > 0:
+            raise ConfigError(f"templates.{key}: must be positive, got {limit}")

@@ -175,16 +175,22 @@ def test_label_and_description_are_ignored() -> None:
     assert t.node("a") == Node(name="a", command="true")
 
 
-def test_parallel_edges_collapse() -> None:
+def test_parallel_edges_are_refused_not_merged() -> None:
     doc = graphml(
         {"a": {"command": "true"}, "b": {"command": "true"}}, [("a", "b"), ("a", "b")]
     )
+    refused(doc, "edge 'a' -> 'b'", "twice")
+
+
+def test_edge_ids_are_accepted_and_ignored() -> None:
+    doc = graphml({"a": {"command": "true"}, "b": {"command": "true"}}, [("a", "b")])
+    doc = doc.replace('<edge source="a"', '<edge id="e0" source="a"')
     assert parse_graphml(doc).edges == (("a", "b"),)
 
 
 def test_other_brace_text_is_not_a_placeholder() -> None:
     t = parse_graphml(
-        graphml({"a": {"command": "awk '{print $1}' ${HOME} {A} {input}"}})
+        graphml({"a": {"command": "awk '{print $1}' '${HOME}' {A} {input}"}})
     )
     assert t.node("a").argv == ("awk", "{print $1}", "${HOME}", "{A}", "{input}")
 
