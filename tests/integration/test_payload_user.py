@@ -31,6 +31,7 @@ import pytest
 
 from p3s.errors import ConfigError
 from p3s.messages import Task
+from p3s.pilot.contain import _own_cgroup
 from p3s.pilot.identity import RunAs, payload_identity
 from p3s.pilot.runner import Outcome, root_problem, run_payload
 from p3s.pilot.stagein import stage_in
@@ -193,6 +194,9 @@ def test_a_payload_runs_as_the_payload_user_and_cannot_read_the_pilots_secrets(
     assert record["gid"] == nobody.gid and set(record["groups"]) <= {nobody.gid}, record
     assert record["secret"] == "denied", "the payload read the pilot's password file"
     assert record["home"] == nobody.home and record["user"] == nobody.name, record
+    if _own_cgroup() is not None:
+        # Moved into the job's cgroup by the pilot's prefix before the user changed.
+        assert "/p3s-job11-" in record["cgroup"], record["cgroup"]
     assert "P3S_BROKER_PASSWORD_FILE" not in record["p3s_env"] and "P3S_BROKER_URL" not in record["p3s_env"]
     assert (outdir / "whoami.json").stat().st_uid == nobody.uid, "its output is its own"
     assert outdir.stat().st_uid == nobody.uid
