@@ -21,6 +21,7 @@ from p3s import broker, db
 from p3s.config import Settings, SourceSettings
 from p3s.dispatcher.service import Dispatcher
 from p3s.errors import BrokerUnavailable, DatabaseRefused, DatabaseUnavailable
+from p3s.pilot.identity import payload_identity
 from p3s.pilot.service import Limits, Pilot
 from p3s.watcher.service import Watcher
 
@@ -71,6 +72,8 @@ def make_dispatcher(settings: Settings, reload_settings: Callable[[], Settings] 
 def make_pilot(
     settings: Settings, queues: tuple[str, ...] | None = None, limits: Limits | None = None, pilot_id: str | None = None
 ) -> Pilot:
+    # A payload user the pilot cannot use is a configuration error: say so now, not after the broker answers.
+    payload_identity(settings.pilot.payload_user)
     connection = _wait_for_broker(settings)
     return Pilot(settings, connection, queues=queues, limits=limits, pilot_id=pilot_id)
 
