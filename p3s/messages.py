@@ -304,7 +304,7 @@ class JobReport:
 
 
 PILOT_EVENTS = ("register", "heartbeat", "stop")
-PILOT_REPORTED_STATES = frozenset({PilotState.IDLE, PilotState.BUSY, PilotState.BROKEN})
+PILOT_REPORTED_STATES = frozenset({PilotState.IDLE, PilotState.BUSY, PilotState.BROKEN, PilotState.DRAINING})
 
 
 @dataclass(frozen=True)
@@ -355,9 +355,104 @@ class PilotReport:
         )
 
 
-def parse_status(body: bytes | str) -> JobReport | PilotReport:
-    """A body from ``p3s.status``: a pilot report has ``event``, a job report ``job_id`` and ``state``."""
+CONTROL_ACTIONS = ("drain", "stop", "stop_now", "cancel_job")
+
+
+@dataclass(frozen=True)
+class Control:
+    """The operator's word to one pilot, on ``p3s.control`` (which only the dispatcher's account may write).
+
+    ``drain``: take no new task, exit after the current job; ``stop``: the
+    same, said as a stop; ``stop_now``: kill the payload, report its job,
+    exit; ``cancel_job``: kill the payload of ``job_id`` and report it
+    cancelled, then go on.  ``host`` names the host the operator addressed, if
+    any: the message itself goes to ``pilot_id``.
+    """
+
+    action: str
+    pilot_id: str
+    host: str = ""
+    job_id: int | None = None
+    sent_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def parse(cls, body: bytes | str) -> Control:
+        data = _load(body)
+        action = _field(data, "action", str)
+        if action not in CONTROL_ACTIONS:
+            raise InvalidMessage(f"field 'action' is not a control action: {_show(action)}")
+        control = cls(
+            action=action,
+            pilot_id=_text(data, "pilot_id", PILOT_ID_MAX),
+            host=_text(data, "host", HOST_MAX, ""),
+            job_id=_int(data, "job_id", ID_RANGE, None),
+            sent_at=_number(data, "sent_at", EPOCH_RANGE),
+        )
+        if not control.pilot_id:
+            raise InvalidMessage("field 'pilot_id' is empty")
+        if (action == "cancel_job") != (control.job_id is not None):
+            raise InvalidMessage(f"field 'job_id' goes with action 'cancel_job' and only with it, not {action!r}")
+        return control
+
+
+def parse_status(body: bytes | str) -> JobReport | PilotReport | SourcesReport:
+    """A body from ``p3s.status``: a pilot report has ``event``, a job report ``job_id`` and ``state``,
+    a watcher's sources report ``sources``."""
     data = _load(body)
+    if "sources" in data:
+        return SourcesReport.from_dict(data)
     if "event" in data:
         return PilotReport.from_dict(data)
     return JobReport.from_dict(data)
+
+
+SOURCES_MAX = 100
+SOURCE_KIND_MAX = 16
+
+
+@dataclass(frozen=True)
+class SourcesReport:
+    """A watcher's sources and which of them it reads now, sent every little while.
+
+    Published on ``p3s.status`` with routing key ``watcher.sources``; the
+    dispatcher keeps the newest report of each source, so ``p3s status`` shows
+    what the watcher itself says.  Each source is a dict: ``name``, ``kind``,
+    ``location``, ``stream``, ``fallback_for``, ``active`` (it publishes
+    files) and ``healthy`` (its last listing answered in time).
+    """
+
+    watcher_id: str
+    host: str
+    sources: list[dict[str, Any]]
+    sent_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def parse(cls, body: bytes | str) -> SourcesReport:
+        return cls.from_dict(_load(body))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SourcesReport:
+        raw = _field(data, "sources", list)
+        if len(raw) > SOURCES_MAX:
+            raise InvalidMessage(f"field 'sources' lists {len(raw)} sources, over the limit of {SOURCES_MAX}")
+        sources = []
+        for item in raw:
+            if not isinstance(item, dict):
+                raise InvalidMessage(f"field 'sources' must list objects: {_show(item)}")
+            sources.append(
+                {
+                    "name": _text(item, "name", LABEL_MAX),
+                    "kind": _text(item, "kind", SOURCE_KIND_MAX),
+                    "location": _text(item, "location", PATH_MAX, ""),
+                    "stream": _text(item, "stream", LABEL_MAX, ""),
+                    "fallback_for": _text(item, "fallback_for", LABEL_MAX, ""),
+                    "active": _field(item, "active", bool),
+                    "healthy": _field(item, "healthy", bool, True),
+                }
+            )
+        return cls(
+            watcher_id=_text(data, "watcher_id", PILOT_ID_MAX),
+            host=_text(data, "host", HOST_MAX),
+            sources=sources,
+            sent_at=_number(data, "sent_at", EPOCH_RANGE),
+        )

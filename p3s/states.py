@@ -60,5 +60,6 @@ class PilotState(StrEnum):
     IDLE = "idle"
     BUSY = "busy"
     BROKEN = "broken"  # alive, but cannot take tasks (its work root is unusable); its heartbeats say why
+    DRAINING = "draining"  # alive, told by the operator to take no new task and to exit after its current job
     STOPPED = "stopped"  # said goodbye
     LOST = "lost"  # heartbeats stopped for longer than the timeout

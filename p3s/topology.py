@@ -18,6 +18,9 @@ tasks_exchange = Exchange("p3s.tasks", type="direct", durable=True)
 status_exchange = Exchange("p3s.status", type="topic", durable=True)
 expired_exchange = Exchange("p3s.expired", type="fanout", durable=True)
 invalid_exchange = Exchange("p3s.invalid", type="fanout", durable=True)
+# The operator's drain, stop and cancel, to pilots: only the dispatcher's account
+# may write it; each pilot reads it through a server-named exclusive queue of its own.
+control_exchange = Exchange("p3s.control", type="direct", durable=True)
 
 # A body the dispatcher cannot parse is rejected without requeue and lands here.
 _to_invalid = {"x-dead-letter-exchange": invalid_exchange.name}
@@ -64,6 +67,11 @@ def status_routing_key(kind: str, what: str) -> str:
     return f"{kind}.{what}"
 
 
+def control_routing_key(pilot_id: str) -> str:
+    """What a pilot's own control queue is bound with (a direct exchange: no wildcards)."""
+    return f"pilot.{pilot_id}"
+
+
 def task_queue(name: str, max_length: int = 0) -> Queue:
     """The queue pilots of ``name`` consume: priorities, and dead letters to p3s.expired.
 
@@ -102,5 +110,6 @@ def declare_all(connection: Connection, task_queue_names: Iterable[str], max_len
     declare(
         connection,
         queues=[*DISPATCHER_QUEUES, invalid_queue, *(task_queue(n, max_length) for n in task_queue_names)],
-        exchanges=[events_exchange, tasks_exchange, status_exchange, expired_exchange, invalid_exchange],
+        exchanges=[events_exchange, tasks_exchange, status_exchange, expired_exchange, invalid_exchange,
+                   control_exchange],
     )

@@ -15,7 +15,7 @@ from p3s.states import JobState, PilotState
 
 log = logging.getLogger(__name__)
 
-LIVE_PILOT_STATES = (PilotState.IDLE, PilotState.BUSY, PilotState.BROKEN)
+LIVE_PILOT_STATES = (PilotState.IDLE, PilotState.BUSY, PilotState.BROKEN, PilotState.DRAINING)
 
 
 def reap(session: Session, ctx: Context) -> list[Task]:

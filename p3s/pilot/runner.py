@@ -56,6 +56,18 @@ class Outcome:
     ran_s: float | None = None  # how long the payload ran, by the monotonic clock
 
 
+@dataclass(frozen=True)
+class KillRequest:
+    """Why a running payload must end now, and the state its job then ends in (an operator's stop or cancel).
+
+    Unlike a second SIGTERM (kill at once), the payload gets its grace: TERM,
+    ``kill_grace_s``, then KILL, to every process it contains.
+    """
+
+    state: JobState
+    reason: str
+
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -220,7 +232,7 @@ def run_payload(
     log_root: Path,
     on_start: Callable[[float], None],
     between_slices: Callable[[], None],
-    kill_requested: Callable[[], bool],
+    kill_requested: Callable[[], bool | KillRequest | None],
     kill_grace_s: float = 5.0,
     slice_s: float = 1.0,
     stage_in: StageIn | None = None,
@@ -327,7 +339,7 @@ def _wait(
     started: float,
     logfile: str,
     between_slices: Callable[[], None],
-    kill_requested: Callable[[], bool],
+    kill_requested: Callable[[], bool | KillRequest | None],
     kill_grace_s: float,
     slice_s: float,
     contain: Containment,
@@ -344,7 +356,12 @@ def _wait(
                 if code == 0:
                     return Outcome(JobState.FINISHED, code, started, time.time(), logfile)
                 return Outcome(JobState.FAILED, code, started, time.time(), logfile, exit_reason(code))
-            if kill_requested():
+            kill = kill_requested()
+            if isinstance(kill, KillRequest):
+                log.warning("job %s: %s; ending its processes", task.job_id, kill.reason)
+                terminate_group(proc, kill_grace_s, contain)
+                return Outcome(kill.state, proc.returncode, started, time.time(), logfile, kill.reason)
+            if kill:
                 killpg(proc.pid, signal.SIGKILL)
                 contain.kill()
                 proc.wait()

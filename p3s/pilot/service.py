@@ -24,19 +24,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kombu import Connection
+from kombu import Connection, Queue
 from kombu.message import Message
 
 from p3s import broker, metrics, topology
 from p3s.broker import Outgoing, Publisher
 from p3s.config import Settings
 from p3s.errors import BrokerUnavailable, InvalidMessage
-from p3s.messages import JobReport, PilotReport, Task, encode
+from p3s.messages import Control, JobReport, PilotReport, Task, encode
 from p3s.pilot.admission import refusal
 from p3s.pilot.consumer import TaskConsumer
 from p3s.pilot.contain import Containment
 from p3s.pilot.identity import payload_identity
-from p3s.pilot.runner import Outcome, log_path, root_problem, run_payload
+from p3s.pilot.runner import KillRequest, Outcome, log_path, root_problem, run_payload
 from p3s.pilot.stagein import stage_in
 from p3s.states import JobState, PilotState
 
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 OUTBOX_MAX = 10_000
 ROOT_RECHECK_S = 5.0  # how often a broken pilot tries its roots again (at most; its heartbeat if shorter)
 REDELIVERED = "delivered again by the broker after a failure; it may have run already, so it is not run twice"
+CANCELLED = "cancelled by operator"
+STOPPED_BY_OPERATOR = "stopped by operator"
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,10 @@ class Pilot(broker.ReconnectingConsumer):
         )
         self.should_stop = False
         self.kill_requested = False
+        # Told by the operator (p3s.control): take no new task, exit after the current job.
+        self.draining = False
+        self.stopped_by = ""  # said in the goodbye: "stopped by operator"
+        self._kill: KillRequest | None = None  # the operator's stop --now or cancel of the current job
         self.jobs_done = 0
         self._born = time.monotonic()
         self._idle_since = time.monotonic()
@@ -115,6 +121,7 @@ class Pilot(broker.ReconnectingConsumer):
         # wait here, and a limit set after basic.consume lets a burst through.
         channel.basic_qos(0, 1, True)
         self._check_roots()
+        control = self._control_consumer(Consumer, channel)
         try:
             self._consumer = TaskConsumer(
                 channel,
@@ -132,7 +139,30 @@ class Pilot(broker.ReconnectingConsumer):
                       self.id, self.refused)
             self.should_stop = True
             raise
-        return [self._consumer]
+        return [control, self._consumer]
+
+    def _control_consumer(self, Consumer: Any, channel: Any) -> Any:
+        """A consumer of this pilot's own control queue: server-named, exclusive, bound to p3s.control.
+
+        It goes with the connection: a new one gets a new queue, so no stale
+        order waits for a pilot.  Consumed without acks (an order is carried
+        out at once or not at all), so it never takes the prefetch window of
+        the tasks on the same channel.
+        """
+        try:
+            if self.settings.broker.declare_topology:
+                topology.control_exchange(channel).declare()
+            name = channel.queue_declare(queue="", exclusive=True, auto_delete=True).queue
+            channel.queue_bind(name, exchange=topology.control_exchange.name,
+                               routing_key=topology.control_routing_key(self.id))
+        except broker.ACCESS_REFUSED as exc:
+            self.refused = f"the broker refused pilot {self.id} a control queue on p3s.control ({exc})"
+            log.error("pilot %s: %s; the pilot account needs the permissions of config/rabbitmq/definitions.json",
+                      self.id, self.refused)
+            self.should_stop = True
+            raise
+        return Consumer(queues=[Queue(name, no_declare=True)], on_message=self._on_control, no_ack=True,
+                        auto_declare=False)
 
     def on_consume_ready(self, connection: Connection, channel: Any, consumers: Any, **kwargs: Any) -> None:
         # The connection consuming (a clone of self.connection): the one whose
@@ -153,6 +183,14 @@ class Pilot(broker.ReconnectingConsumer):
         """ConsumerMixin's loop, running the task taken (outside the message callback)."""
         with self.consumer_context(**kwargs) as (conn, _channel, _consumers):
             while not self.should_stop:
+                if self.draining:
+                    if self._message is not None:
+                        # Delivered with the order to drain: not taken, handed back for another pilot.
+                        message, self._message = self._message, None
+                        self._consumer.pause()
+                        self._hand_back(message)
+                    log.info("pilot %s: drained (told by the operator); stopping", self.id)
+                    break
                 if self._message is not None:
                     message, self._message = self._message, None
                     task = self._take(message)
@@ -162,10 +200,10 @@ class Pilot(broker.ReconnectingConsumer):
                         if self._limits_reached():
                             break
                         self._idle_since = time.monotonic()
-                    if not self.should_stop and not self.problem:
+                    if not self.should_stop and not self.problem and not self.draining:
                         # A task delivered while this starts is taken on the next turn, not after a drain.
                         self._consumer.consume()
-                elif self.problem and time.monotonic() >= self._next_check:
+                elif self.problem and not self.draining and time.monotonic() >= self._next_check:
                     self._check_roots()
                     if not self.problem:
                         self._consumer.consume()
@@ -217,10 +255,7 @@ class Pilot(broker.ReconnectingConsumer):
             # `rejected`), where the dispatcher publishes a fresh copy: a
             # requeued one would come back flagged as redelivered, like one
             # whose pilot died.  The in-process transport has no dead letters.
-            if broker.supports_dead_letters(self._live):
-                message.reject(requeue=False)
-            else:
-                message.requeue()
+            self._hand_back(message)
             log.info(
                 "pilot %s: %.0fs of life left, less than job %s's wall limit of %.0fs; stopping",
                 self.id,
@@ -232,6 +267,59 @@ class Pilot(broker.ReconnectingConsumer):
             return None
         message.ack()
         return task
+
+    def _hand_back(self, message: Message) -> None:
+        """Give an untouched task back: to p3s.expired on RabbitMQ (a fresh copy follows), requeued in-process."""
+        if broker.supports_dead_letters(self._live):
+            message.reject(requeue=False)
+        else:
+            message.requeue()
+
+    # -- the operator's orders ------------------------------------------------
+
+    def _on_control(self, message: Message) -> None:
+        """An order from p3s.control: noted in flags, carried out by the loop and between the payload's slices."""
+        try:
+            control = Control.parse(message.body)
+        except InvalidMessage as exc:
+            # Not to p3s.invalid: a least-privilege pilot may write to p3s.status only.
+            log.error("pilot %s: unreadable control message ignored: %s", self.id, exc)
+            return
+        if control.pilot_id != self.id:
+            log.warning("pilot %s: control message for pilot %s ignored", self.id, control.pilot_id)
+            return
+        if control.action == "cancel_job":
+            current = self._current
+            if current is None or current.job_id != control.job_id:
+                log.info("pilot %s: told to cancel job %s, which it does not run; nothing to do",
+                         self.id, control.job_id)
+            elif self._kill is None:
+                log.warning("job %s: %s; pilot %s ends its payload", control.job_id, CANCELLED, self.id)
+                self._kill = KillRequest(JobState.DROPPED, CANCELLED)
+            return
+        if not self.draining:
+            log.warning("pilot %s: told to %s by the operator%s; takes no new task", self.id,
+                        "stop at once" if control.action == "stop_now" else control.action,
+                        f" (host {control.host})" if control.host else "")
+        self.draining = True
+        self.stopped_by = STOPPED_BY_OPERATOR
+        self._next_beat = 0.0  # say so at once
+        if control.action == "stop_now" and self._current is not None and self._kill is None:
+            self._kill = KillRequest(JobState.DROPPED,
+                                     f"{STOPPED_BY_OPERATOR}: pilot {self.id} was told to stop at once")
+
+    def _read_control(self) -> None:
+        """While a payload runs: take what the broker sent (only control orders: the task consumer is paused)."""
+        try:
+            self._live.drain_events(timeout=0)
+        except TimeoutError:
+            pass
+        except broker.CONNECTION_ERRORS:
+            log.debug("pilot %s: control queue not read", self.id, exc_info=True)
+
+    def _between_slices(self) -> None:
+        self._beat()
+        self._read_control()
 
     def _refuse(self, message: Message, exc: Exception) -> None:
         """An unreadable task: rejected to p3s.expired, where the dispatcher moves it to p3s.invalid.
@@ -272,6 +360,9 @@ class Pilot(broker.ReconnectingConsumer):
         return self.limits.lifetime_s - (time.monotonic() - self._born)
 
     def _limits_reached(self) -> bool:
+        if self.draining:
+            log.info("pilot %s: drained (told by the operator); stopping", self.id)
+            return True
         lim = self.limits
         if lim.max_jobs and self.jobs_done >= lim.max_jobs:
             log.info("pilot %s: ran %d job(s), its maximum; stopping", self.id, self.jobs_done)
@@ -320,8 +411,8 @@ class Pilot(broker.ReconnectingConsumer):
                 on_start=lambda t: self._report_job(
                     task, JobReport(task.job_id, JobState.RUNNING, self.id, started_at=t, log=logfile)
                 ),
-                between_slices=self._beat,
-                kill_requested=lambda: self.kill_requested,
+                between_slices=self._between_slices,
+                kill_requested=lambda: self.kill_requested or self._kill,
                 kill_grace_s=self.settings.pilot.kill_grace_s,
                 slice_s=min(1.0, self.settings.pilot.heartbeat_s),
                 stage_in=stage_in,
@@ -335,6 +426,7 @@ class Pilot(broker.ReconnectingConsumer):
         finally:
             self._current = None
             self._contain = None
+            self._kill = None
         self.jobs_done += 1
         self._report_outcome(task, outcome)
         return outcome.state
@@ -372,7 +464,9 @@ class Pilot(broker.ReconnectingConsumer):
         self._send(Outgoing(topology.status_exchange, topology.status_routing_key("job", report.state), encode(report)))
 
     def _report_pilot(self, event: str) -> None:
-        if self._current is not None:
+        if self.draining and event != "register":
+            state = PilotState.DRAINING
+        elif self._current is not None:
             state = PilotState.BUSY
         else:
             state = PilotState.BROKEN if self.problem else PilotState.IDLE
@@ -385,7 +479,7 @@ class Pilot(broker.ReconnectingConsumer):
             state=state,
             job_id=self._current.job_id if self._current else None,
             jobs_done=self.jobs_done,
-            problem=self.problem,
+            problem=self.stopped_by if event == "stop" and self.stopped_by else self.problem,
         )
         self._send(Outgoing(topology.status_exchange, topology.status_routing_key("pilot", event), encode(report)))
         self._next_beat = time.monotonic() + self.settings.pilot.heartbeat_s

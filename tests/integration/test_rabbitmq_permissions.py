@@ -31,7 +31,7 @@ from kombu import Connection
 from p3s import app, topology
 from p3s.broker import Outgoing, Publisher
 from p3s.config import load_settings
-from p3s.messages import DataEvent, Task, encode
+from p3s.messages import Control, DataEvent, Task, encode
 from p3s.pilot.service import Limits
 from tests.conftest import RABBITMQ_HOST, RABBITMQ_PORT, rabbitmqctl
 
@@ -250,7 +250,7 @@ def test_pilot_cannot_publish_tasks_read_dispatcher_queues_or_declare(loaded: Lo
     with loaded.connect("pilot") as pilot, loaded.connect("dispatcher") as dispatcher:
         # No tasks of its own making, no fake data events, nothing dead-lettered by hand.
         for exchange, key in [("p3s.tasks", "default"), ("p3s.events", "file.raw"), ("p3s.expired", ""),
-                              ("p3s.invalid", ""), ("", "p3s.tasks.default")]:
+                              ("p3s.invalid", ""), ("", "p3s.tasks.default"), ("p3s.control", "pilot.other")]:
             refused_publish(pilot, exchange, key)
         assert get(dispatcher, "p3s.tasks.default", timeout=0.5) is None, "no refused task got through"
         assert get(dispatcher, "p3s.dispatcher.events", timeout=0) is None
@@ -263,16 +263,47 @@ def test_pilot_cannot_publish_tasks_read_dispatcher_queues_or_declare(loaded: Lo
             refused(pilot, lambda ch, q=queue: ch.queue_purge(q))
         assert get(dispatcher, "p3s.dispatcher.status") is not None, "the status message is still there"
 
-        # No configure permission at all: no exchange, no queue, no binding.
+        # No configure permission but on a server-named queue of its own: no exchange, no named queue,
+        # no binding of p3s's queues.
         refused(pilot, lambda ch: ch.exchange_declare("p3s.pilot-made", "fanout", durable=True, auto_delete=False))
         refused(pilot, lambda ch: ch.exchange_declare("p3s.tasks", "direct", durable=True, auto_delete=False))
         refused(pilot, lambda ch: ch.exchange_delete("p3s.tasks"))
         refused(pilot, lambda ch: ch.queue_declare("p3s.tasks.mine", durable=True, auto_delete=False))
-        refused(pilot, lambda ch: ch.queue_declare(auto_delete=True, exclusive=True))  # a server-named queue
+        refused(pilot, lambda ch: ch.queue_declare("amq.gen-mine", auto_delete=True, exclusive=True))
         refused(pilot, lambda ch: ch.queue_delete("p3s.tasks.default"))
         refused(pilot, lambda ch: ch.queue_bind("p3s.tasks.default", "p3s.events", "file.#"))
         # Not even its own task queue may it (re)declare: hence declare_topology = false for pilots.
         refused(pilot, lambda ch: topology.task_queue("default")(ch).declare())
+
+
+def test_pilot_reads_its_control_queue_but_cannot_give_orders(loaded: Loaded) -> None:
+    """p3s.control: a pilot binds a server-named queue of its own and reads it; it cannot write to it.
+
+    Nor can it bind that queue to any exchange that carries what it must not
+    see: p3s.tasks (every task, tokens and all), p3s.status (every report),
+    p3s.events, p3s.expired or p3s.invalid.
+    """
+    with loaded.connect("pilot") as pilot, loaded.connect("dispatcher") as dispatcher, \
+            loaded.connect("watcher") as watcher:
+        topology.declare(dispatcher, exchanges=[topology.control_exchange])
+        channel = pilot.channel()
+        # Not auto-deleted here, so it outlives consume_one's consumer (the pilot's stays).
+        name = channel.queue_declare(queue="", exclusive=True, auto_delete=False).queue
+        assert name.startswith("amq.gen-")
+        channel.queue_bind(name, exchange="p3s.control", routing_key=topology.control_routing_key("p1"))
+        order = encode(Control("drain", "p1"))
+        publish(dispatcher, "p3s.control", topology.control_routing_key("p1"), order)
+        got = consume_one(pilot, name)
+        assert Control.parse(got.body).action == "drain"
+
+        for exchange in ("p3s.tasks", "p3s.status", "p3s.events", "p3s.expired", "p3s.invalid"):
+            refused(pilot, lambda ch, e=exchange: ch.queue_bind(name, exchange=e, routing_key="#"))
+        # Refusals closed their channels only: the queue and its binding stay.
+        assert channel.is_open
+        for who in (pilot, watcher):
+            refused_publish(who, "p3s.control", topology.control_routing_key("p1"))
+        assert channel.basic_get(name, no_ack=True) is None, "no forged order got through"
+        channel.close()
 
 
 def test_passive_declare_of_dispatcher_queues(loaded: Loaded) -> None:
@@ -379,6 +410,37 @@ def test_real_pilot_runs_a_task_under_the_pilot_user(loaded: Loaded, tmp_path: P
         assert finished["pilot_id"] == "least-privileged"
         assert keys[-1] == "pilot.stop", keys
         assert get(dispatcher, "p3s.tasks.default", timeout=0) is None, "the task was taken"
+
+
+def test_real_pilot_under_the_pilot_user_obeys_a_drain(loaded: Loaded, tmp_path: Path) -> None:
+    """p3s's own pilot, least-privileged, makes its control queue and stops when the dispatcher's account says so."""
+    env = {
+        "P3S_BROKER_URL": loaded.urls["pilot"],
+        "P3S_BROKER_DECLARE_TOPOLOGY": "false",
+        "P3S_STATE_DIR": str(tmp_path / "state"),
+        "P3S_PILOT_WORK_ROOT": str(tmp_path / "work"),
+        "P3S_PILOT_HEARTBEAT_S": "1",
+    }
+    pilot = app.make_pilot(load_settings(None, env), queues=("default",), pilot_id="obedient")
+    thread = threading.Thread(target=lambda: (pilot.run(), pilot.close()), name="pilot", daemon=True)
+    with loaded.connect("dispatcher") as dispatcher:
+        drain(dispatcher, "p3s.dispatcher.status")
+        thread.start()
+        try:
+            wait_until(lambda: pilot.connections > 0, "the pilot consuming", timeout=30)
+            publish(dispatcher, "p3s.control", topology.control_routing_key("obedient"),
+                    encode(Control("drain", "obedient")))
+            thread.join(30)
+        finally:
+            pilot.should_stop = True
+            thread.join(30)
+        assert not thread.is_alive(), "the pilot did not stop"
+        assert not pilot.refused, pilot.refused
+        reports = []
+        while (message := get(dispatcher, "p3s.dispatcher.status", timeout=1)) is not None:
+            reports.append((message.delivery_info["routing_key"], json.loads(message.body)))
+        assert reports[-1][0] == "pilot.stop", reports
+        assert reports[-1][1]["problem"] == "stopped by operator"
 
 
 def test_pilot_declaring_the_topology_is_refused(loaded: Loaded, tmp_path: Path) -> None:

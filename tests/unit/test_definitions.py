@@ -135,12 +135,17 @@ def test_permissions_give_each_role_only_what_it_needs(defs: dict[str, Any]) -> 
     names = exchanges + queues
     assert {p["user"] for p in defs["permissions"]} == set(PLACEHOLDERS)
 
-    # The pilot: consume task queues, publish to p3s.status; nothing else, and never configure.
-    assert not any(_allowed(defs, "p3s-pilot", "configure", n) for n in names)
-    assert [n for n in names if _allowed(defs, "p3s-pilot", "write", n)] == ["p3s.status"]
+    # The pilot: consume task queues, publish to p3s.status, read p3s.control through a server-named
+    # queue of its own (configure it, bind it: write on the queue, read on the exchange); nothing else.
+    assert [n for n in names if _allowed(defs, "p3s-pilot", "configure", n)] == ["amq.gen-abc"]
+    assert [n for n in names if _allowed(defs, "p3s-pilot", "write", n)] == ["p3s.status", "amq.gen-abc"]
     assert [n for n in names if _allowed(defs, "p3s-pilot", "read", n)] == [
-        n for n in queues if n.startswith(TASK_PREFIX)
+        "p3s.control", *(n for n in queues if n.startswith(TASK_PREFIX)), "amq.gen-abc"
     ]
+    # Not the tasks exchange itself: a queue bound to it would copy every task, tokens and all.
+    assert not _allowed(defs, "p3s-pilot", "read", "p3s.tasks")
+    # Only the dispatcher's account gives orders on p3s.control.
+    assert [u for u in PLACEHOLDERS if _allowed(defs, u, "write", "p3s.control")] == ["p3s-dispatcher"]
     # The watcher: publish to p3s.events only.
     assert not any(_allowed(defs, "p3s-watcher", "configure", n) for n in names)
     assert not any(_allowed(defs, "p3s-watcher", "read", n) for n in names)
