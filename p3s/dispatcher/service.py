@@ -32,12 +32,12 @@ from p3s import broker, metrics, topology
 from p3s.broker import Outgoing, Publisher
 from p3s.config import Settings
 from p3s.db import Job, Pilot
-from p3s.dispatcher import intake, jobs, pilots, reaper
+from p3s.dispatcher import intake, jobs, pilots, reaper, sources
 from p3s.dispatcher.admission import Admission
 from p3s.dispatcher.catalogue import Catalogue
 from p3s.dispatcher.context import Context, IdAllocator
 from p3s.errors import BrokerUnavailable, ConfigError, InvalidMessage
-from p3s.messages import DataEvent, JobReport, PilotReport, Task, UncarriableEvent, encode, parse_status
+from p3s.messages import DataEvent, JobReport, PilotReport, SourcesReport, Task, UncarriableEvent, encode, parse_status
 from p3s.states import JobState, PilotState
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ class Dispatcher(broker.ReconnectingConsumer):
         self._live = connection
         self._db_wait_until = 0.0
         self._db_backoff = BACKOFF_START_S
+        self._publish_backoff = BACKOFF_START_S
         self.overloaded = False
 
     # -- kombu hooks --------------------------------------------------------
@@ -240,8 +241,11 @@ class Dispatcher(broker.ReconnectingConsumer):
         self._take(message, topology.events_queue.name, parse)
 
     def _on_status(self, message: Message) -> None:
-        if not self._from_account(message, topology.status_queue.name, self.settings.dispatcher.report_users,
-                                  "status report"):
+        # A watcher's sources report comes from a watcher's account, not a pilot's.
+        info = getattr(message, "delivery_info", None) or {}
+        watcher = info.get("routing_key") == topology.status_routing_key("watcher", "sources")
+        allowed = self.settings.dispatcher.event_users if watcher else self.settings.dispatcher.report_users
+        if not self._from_account(message, topology.status_queue.name, allowed, "status report"):
             return
         self._take(message, topology.status_queue.name,
                    lambda: self._status.append(Item(message, parse_status(message.body))))
@@ -313,6 +317,9 @@ class Dispatcher(broker.ReconnectingConsumer):
             report = item.payload
             item.refusal = None
             try:
+                if isinstance(report, SourcesReport):
+                    sources.apply_sources_report(session, report, ctx)
+                    continue
                 if isinstance(report, PilotReport):
                     pilots.apply_pilot_report(session, report, ctx, sender(item.message))
                     continue
@@ -421,8 +428,11 @@ class Dispatcher(broker.ReconnectingConsumer):
         if tasks and not self.publish(tasks, now):
             # The jobs stay queued and unpublished.  The messages go back after a
             # pause; when they come again, their unpublished tasks are published.
-            self._held_back.append((time.monotonic() + self._db_backoff, messages))
+            self._held_back.append((time.monotonic() + self._publish_backoff, messages))
+            self._publish_backoff = min(self._publish_backoff * 2, BACKOFF_MAX_S)
             return
+        if tasks:
+            self._publish_backoff = BACKOFF_START_S
         for message in messages:
             if not self._settle(message.ack):
                 return
