@@ -160,6 +160,24 @@ class Pilot(Base):
     user: Mapped[str] = mapped_column(String(128), default="")  # the broker account it registered with
 
 
+class WatcherSource(Base):
+    """The newest word of a watcher on one of its sources (a SourcesReport), for ``p3s status``."""
+
+    __tablename__ = "watcher_sources"
+
+    host: Mapped[str] = mapped_column(String(255), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    watcher_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    location: Mapped[str] = mapped_column(Text)
+    stream: Mapped[str] = mapped_column(String(128))
+    fallback_for: Mapped[str] = mapped_column(String(128))
+    active: Mapped[bool] = mapped_column(Boolean)
+    healthy: Mapped[bool] = mapped_column(Boolean)
+    sent_at: Mapped[float] = mapped_column(Float)  # the watcher's clock: orders its reports
+    reported_at: Mapped[float] = mapped_column(Float)  # the dispatcher's clock: says how fresh it is
+
+
 def normalise_url(url: str) -> str:
     """Use psycopg (version 3) for PostgreSQL URLs that name no driver."""
     for prefix in ("postgres://", "postgresql://"):
@@ -218,8 +236,17 @@ def refused(exc: BaseException) -> bool:
     return getattr(orig, "sqlstate", None) in REFUSED_SQLSTATES or bool(_REFUSED_TEXT.search(str(orig)))
 
 
+# Any fixed number: every p3s process asks PostgreSQL for the same lock.
+_UPGRADE_LOCK = 0x7033735F7363686D  # "p3s_schm"
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Create or upgrade the schema at ``url`` to ``revision`` with Alembic.
+
+    On PostgreSQL the upgrade runs under an advisory lock, so two dispatchers
+    starting together on a new database take turns: the second finds the
+    schema made and has nothing to do, instead of failing on a table the
+    first one created an instant before.
 
     Raises DatabaseRefused where the server refused the credentials or the
     database name, DatabaseUnavailable where it could not be reached, and
@@ -229,14 +256,118 @@ def upgrade(url: str, revision: str = "head") -> None:
 
     _sqlite_dir(url)
     masked = make_url(normalise_url(url)).render_as_string(hide_password=True)
+    lock_engine = None
     try:
-        command.upgrade(_alembic_config(url), revision)
+        if make_url(normalise_url(url)).get_backend_name() == "postgresql":
+            from sqlalchemy import text
+            from sqlalchemy.pool import NullPool
+
+            lock_engine = create_engine(normalise_url(url), poolclass=NullPool)
+            with lock_engine.connect() as lock:
+                # A session-level lock, held by this connection while Alembic works on its own.
+                lock.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _UPGRADE_LOCK})
+                try:
+                    command.upgrade(_alembic_config(url), revision)
+                finally:
+                    lock.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _UPGRADE_LOCK})
+                    lock.commit()
+        else:
+            command.upgrade(_alembic_config(url), revision)
     except sqlalchemy.exc.OperationalError as exc:
         if refused(exc):
             raise DatabaseRefused(f"the database at {masked} refused the connection: {exc.orig}") from exc
         raise DatabaseUnavailable(f"cannot reach the database at {masked}: {exc.orig}") from exc
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as exc:
         raise ConfigError(f"database URL {masked} is not one p3s can use: {exc}") from exc
+    finally:
+        if lock_engine is not None:
+            lock_engine.dispose()
+
+
+_REVISION_RE = re.compile(r"^(down_revision|revision)\s*(?::[^=]*)?=\s*(None|[\"'][^\"']*[\"'])", re.MULTILINE)
+
+
+def script_head() -> str:
+    """The newest revision among the migration scripts, read from their text.
+
+    Alembic's own ScriptDirectory imports every script and most of Alembic;
+    a read-only command only needs the name of the head, so it reads the
+    ``revision`` and ``down_revision`` lines (a linear history: the head is
+    the one revision no other script revises).
+    """
+    revisions: set[str] = set()
+    revised: set[str] = set()
+    for path in (Path(__file__).parent / "migrations" / "versions").glob("*.py"):
+        found = dict(m.groups() for m in _REVISION_RE.finditer(path.read_text()))
+        if "revision" not in found:
+            continue
+        revisions.add(found["revision"].strip("\"'"))
+        down = found.get("down_revision", "None")
+        if down != "None":
+            revised.add(down.strip("\"'"))
+    heads = revisions - revised
+    if len(heads) != 1:
+        raise ConfigError(f"the migration scripts have {len(heads)} heads: {sorted(heads)}")
+    return heads.pop()
+
+
+def check_schema(url: str) -> None:
+    """Make sure the schema at ``url`` is the one this p3s knows, changing nothing.
+
+    For commands that only read or edit records: they never create or upgrade
+    the schema (``p3s db upgrade`` does), and on an empty or outdated database
+    they raise DatabaseUnavailable saying so.  An SQLite file that does not
+    exist is not created.
+    """
+    from sqlalchemy import text
+    from sqlalchemy.pool import NullPool
+
+    parsed = make_url(normalise_url(url))
+    masked = parsed.render_as_string(hide_password=True)
+    hint = "run p3s db upgrade"
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        if not Path(parsed.database).is_file():
+            raise DatabaseUnavailable(f"the database at {masked} does not exist yet: {hint}")
+    head = script_head()
+    try:
+        engine = create_engine(normalise_url(url), poolclass=NullPool, **_connect_timeout(parsed))
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as exc:
+        raise ConfigError(f"database URL {masked} is not one p3s can use: {exc}") from exc
+    try:
+        with engine.connect() as conn:
+            try:
+                current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as exc:
+                if _no_table(exc):
+                    current = None
+                else:
+                    raise
+    except sqlalchemy.exc.OperationalError as exc:
+        if refused(exc):
+            raise DatabaseRefused(f"the database at {masked} refused the connection: {exc.orig}") from exc
+        raise DatabaseUnavailable(f"cannot reach the database at {masked}: {exc.orig}") from exc
+    finally:
+        engine.dispose()
+    if current is None:
+        raise DatabaseUnavailable(f"the database at {masked} has no p3s schema: {hint}")
+    if current != head:
+        raise DatabaseUnavailable(
+            f"the database at {masked} is at schema revision {current}, this p3s needs {head}: {hint}"
+        )
+
+
+def _no_table(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", exc))
+    return "no such table" in text or "does not exist" in text or getattr(
+        getattr(exc, "orig", None), "sqlstate", None
+    ) == "42P01"
+
+
+def _connect_timeout(parsed: Any) -> dict[str, Any]:
+    """A deadline on connecting, so a command never hangs on a server that does not answer."""
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        return {"connect_args": {"connect_timeout": 5}}
+    return {}
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -395,9 +395,64 @@ class Control:
         return control
 
 
-def parse_status(body: bytes | str) -> JobReport | PilotReport:
-    """A body from ``p3s.status``: a pilot report has ``event``, a job report ``job_id`` and ``state``."""
+def parse_status(body: bytes | str) -> JobReport | PilotReport | SourcesReport:
+    """A body from ``p3s.status``: a pilot report has ``event``, a job report ``job_id`` and ``state``,
+    a watcher's sources report ``sources``."""
     data = _load(body)
+    if "sources" in data:
+        return SourcesReport.from_dict(data)
     if "event" in data:
         return PilotReport.from_dict(data)
     return JobReport.from_dict(data)
+
+
+SOURCES_MAX = 100
+SOURCE_KIND_MAX = 16
+
+
+@dataclass(frozen=True)
+class SourcesReport:
+    """A watcher's sources and which of them it reads now, sent every little while.
+
+    Published on ``p3s.status`` with routing key ``watcher.sources``; the
+    dispatcher keeps the newest report of each source, so ``p3s status`` shows
+    what the watcher itself says.  Each source is a dict: ``name``, ``kind``,
+    ``location``, ``stream``, ``fallback_for``, ``active`` (it publishes
+    files) and ``healthy`` (its last listing answered in time).
+    """
+
+    watcher_id: str
+    host: str
+    sources: list[dict[str, Any]]
+    sent_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def parse(cls, body: bytes | str) -> SourcesReport:
+        return cls.from_dict(_load(body))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SourcesReport:
+        raw = _field(data, "sources", list)
+        if len(raw) > SOURCES_MAX:
+            raise InvalidMessage(f"field 'sources' lists {len(raw)} sources, over the limit of {SOURCES_MAX}")
+        sources = []
+        for item in raw:
+            if not isinstance(item, dict):
+                raise InvalidMessage(f"field 'sources' must list objects: {_show(item)}")
+            sources.append(
+                {
+                    "name": _text(item, "name", LABEL_MAX),
+                    "kind": _text(item, "kind", SOURCE_KIND_MAX),
+                    "location": _text(item, "location", PATH_MAX, ""),
+                    "stream": _text(item, "stream", LABEL_MAX, ""),
+                    "fallback_for": _text(item, "fallback_for", LABEL_MAX, ""),
+                    "active": _field(item, "active", bool),
+                    "healthy": _field(item, "healthy", bool, True),
+                }
+            )
+        return cls(
+            watcher_id=_text(data, "watcher_id", PILOT_ID_MAX),
+            host=_text(data, "host", HOST_MAX),
+            sources=sources,
+            sent_at=_number(data, "sent_at", EPOCH_RANGE),
+        )

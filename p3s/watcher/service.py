@@ -28,6 +28,7 @@ from p3s.messages import DataEvent, encode
 from p3s.watcher.files import Budget, FileSeen, Selector, Source, to_event
 from p3s.watcher.inotify import InotifySource
 from p3s.watcher.poll import PollSource
+from p3s.watcher.report import SourcesReporter
 from p3s.watcher.scanner import ScanDone, ScanThread, Wakeup, mark_unhealthy
 from p3s.watcher.xrootd import XrootdSource
 
@@ -115,6 +116,7 @@ class Watcher:
             queues=[topology.invalid_queue, topology.events_queue],
         )
         self.backlog: deque[DataEvent] = deque()
+        self.reporter = SourcesReporter(settings)
         self.ready = threading.Event()
         self.should_stop = False
         self._retry_at = 0.0
@@ -237,6 +239,8 @@ class Watcher:
         # closes a connection that misses its heartbeats.
         self.publisher.heartbeat_check()
         self.publish_backlog()
+        # Only while events flow: a broker that does not answer must not hold the loop up twice.
+        self.reporter.maybe_send(self.slots, broker_ok=not self.backlog)
 
     def _take_scans(self) -> None:
         """Deliver the results of the scans that returned."""
@@ -376,4 +380,5 @@ class Watcher:
                 continue
             slot.source.close()
         self.publisher.close()
+        self.reporter.close()
         self._wakeup.close()
