@@ -19,6 +19,14 @@ class InvalidMessage(P3SError):
     """A message body is not JSON, lacks a field, or has the wrong schema version."""
 
 
+class ReportRefused(InvalidMessage):
+    """A report that cannot be believed: no or a wrong token, another pilot's job, or the wrong broker account."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind  # token, pilot or account: the label of p3s_reports_refused_total
+
+
 class BrokerUnavailable(P3SError):
     """The message broker cannot be reached or refused an operation."""
 

@@ -21,21 +21,13 @@ from p3s.dagengine import Template, can_transition, plan, workflow_state
 from p3s.db import FileRecord, Job, Workflow
 from p3s.dispatcher.catalogue import Active
 from p3s.dispatcher.context import Context
-from p3s.errors import InvalidMessage
+from p3s.errors import ReportRefused
 from p3s.messages import JobReport, Task, new_token, token_hash
 from p3s.states import TERMINAL_JOB_STATES, JobState, WorkflowState
 
 log = logging.getLogger(__name__)
 
 NOT_PUBLISHED = "not published"
-
-
-class ReportRefused(InvalidMessage):
-    """A job report that cannot be believed: no or a wrong token, or not from the pilot that took the job."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
 
 
 def check_report(job: Job, report: JobReport, holder: bool = True) -> None:

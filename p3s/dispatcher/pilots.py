@@ -8,19 +8,11 @@ from sqlalchemy.orm import Session
 
 from p3s.db import Pilot
 from p3s.dispatcher.context import Context
-from p3s.errors import InvalidMessage
+from p3s.errors import ReportRefused
 from p3s.messages import PilotReport
 from p3s.states import PilotState
 
 log = logging.getLogger(__name__)
-
-
-class ReportRefused(InvalidMessage):
-    """A pilot report from another broker account than the one the pilot registered with."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
 
 
 def apply_pilot_report(session: Session, report: PilotReport, ctx: Context, user: str = "") -> None:

@@ -36,7 +36,7 @@ from p3s.dispatcher import intake, jobs, pilots, reaper, sources
 from p3s.dispatcher.admission import Admission
 from p3s.dispatcher.catalogue import Catalogue
 from p3s.dispatcher.context import Context, IdAllocator
-from p3s.errors import BrokerUnavailable, ConfigError, InvalidMessage
+from p3s.errors import BrokerUnavailable, ConfigError, InvalidMessage, ReportRefused
 from p3s.messages import DataEvent, JobReport, PilotReport, SourcesReport, Task, UncarriableEvent, encode, parse_status
 from p3s.states import JobState, PilotState
 
@@ -325,7 +325,7 @@ class Dispatcher(broker.ReconnectingConsumer):
                     continue
                 # The checks come before any change, so a refused report leaves nothing behind.
                 tasks.extend(jobs.apply_job_report(session, report, ctx))
-            except (jobs.ReportRefused, pilots.ReportRefused) as exc:
+            except ReportRefused as exc:
                 item.refusal = (exc.kind, str(exc))
                 continue
             ended = ended or JobState(report.state).terminal

@@ -253,7 +253,7 @@ def test_audit_finds_what_is_wrong(engine, tmp_path: Path) -> None:
 
 
 def test_a_report_without_the_right_token_or_from_another_pilot_changes_nothing(engine, tmp_path: Path) -> None:
-    from p3s.dispatcher.jobs import ReportRefused
+    from p3s.errors import ReportRefused
 
     c = ctx(tmp_path)
     add_template(engine, graphml({"a": {"command": "true"}, "b": {"command": "true"}}, edges=[("a", "b")]), "t")
