@@ -8,7 +8,8 @@ The modules, one concept each:
 * ``graphml``: GraphML in (size, depth and count checked while scanning) and out;
 * ``render``: DOT and Mermaid pictures;
 * ``placeholders``: ``{input}`` and friends, and their expansion at run time;
-* ``engine``: which jobs are ready, which are dropped.
+* ``engine``: which jobs are ready, which are dropped;
+* ``legacy``: the older system's templates, converted (``p3s dag import --legacy``).
 """
 
 from __future__ import annotations

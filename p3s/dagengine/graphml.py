@@ -55,8 +55,9 @@ _CHUNK = 1 << 16
 class _Scan:
     """Expat handlers that count and remember just enough to refuse early."""
 
-    def __init__(self, limits: TemplateLimits) -> None:
+    def __init__(self, limits: TemplateLimits, parallel_edges: bool = False) -> None:
         self.limits = limits
+        self.parallel_edges = parallel_edges
         self.depth = 0
         self.graphs = 0
         self.nodes: set[str] = set()
@@ -97,7 +98,7 @@ class _Scan:
                     raise TemplateError(f"edge id {edge_id!r}: used twice (edge ids must be unique)")
                 self.edge_ids.add(edge_id)
             ends = (attrs.get("source", ""), attrs.get("target", ""))
-            if ends in self.edges:
+            if ends in self.edges and not self.parallel_edges:
                 raise TemplateError(f"edge {ends[0]!r} -> {ends[1]!r}: given twice")
             self.edges.add(ends)
             self.n_edges += 1
@@ -117,18 +118,19 @@ def _refuse_doctype(*_: object) -> None:
     )
 
 
-def scan_graphml(data: str | bytes, limits: TemplateLimits | None = None) -> None:
+def scan_graphml(data: str | bytes, limits: TemplateLimits | None = None, parallel_edges: bool = False) -> None:
     """Refuse a document over the size, depth or count limits, with a DOCTYPE or duplicate ids.
 
     Reads the document once as a stream and stops at the first refusal, so a
     document nested 100 000 deep or holding 100 000 nodes costs no more than
-    the part read up to the limit.
+    the part read up to the limit.  ``parallel_edges`` lets two edges join the
+    same two nodes (the older system's files carry one data item per edge).
     """
     limits = limits or TemplateLimits()
     size = len(data) if isinstance(data, bytes | bytearray) or len(data) > limits.max_bytes else len(data.encode())
     if size > limits.max_bytes:
         raise TemplateError(f"template is larger than {limits.max_bytes} bytes (templates.max_bytes)")
-    scan = _Scan(limits)
+    scan = _Scan(limits, parallel_edges)
     parser = expat.ParserCreate(namespace_separator=" ")
     parser.StartElementHandler = scan.start
     parser.EndElementHandler = scan.end
@@ -222,8 +224,9 @@ def parse_graphml(data: str | bytes, name: str | None = None, limits: TemplateLi
         check_name("node", nname)
         attrs = {**node_default, **data_}
         refuse_unknown(nname, set(attrs) - allowed, allowed)
-        if "command" not in attrs:
-            raise TemplateError(f"node {nname!r}: attribute 'command' is required")
+        noop = "noop" in attrs and coerce(nname, "noop", attrs["noop"], NODE_SPEC)
+        if "command" not in attrs and not noop:
+            raise TemplateError(f"node {nname!r}: attribute 'command' is required (or noop = true)")
         kwargs: dict[str, Any] = {}
         for attr, value in attrs.items():
             if attr in _IGNORED_NODE_ATTRS:
@@ -258,22 +261,30 @@ def parse_graphml(data: str | bytes, name: str | None = None, limits: TemplateLi
     return template
 
 
-def to_graphml(t: Template) -> str:
-    """GraphML carrying every attribute, so parse_graphml(to_graphml(t)) == t."""
+def to_graphml(
+    t: Template,
+    labels: Mapping[str, str] | None = None,
+    edge_descriptions: Mapping[tuple[str, str], str] | None = None,
+) -> str:
+    """GraphML carrying every attribute, so parse_graphml(to_graphml(t)) == t.
+
+    ``labels`` (node -> text) and ``edge_descriptions`` ((parent, child) -> text)
+    are written as the ``label`` and ``description`` attributes, which an import
+    accepts and ignores: notes for the people who read and edit the file.
+    """
     g = nx.DiGraph()
     g.graph["name"] = t.name
     g.graph["trigger"] = t.trigger
     g.graph["budget_s"] = t.budget_s
     if t.description:
         g.graph["description"] = t.description
+    labels = labels or {}
+    edge_descriptions = edge_descriptions or {}
     for node in t.nodes:
-        attrs: dict[str, Any] = {
-            "command": node.command,
-            "priority": node.priority,
-            "wall_s": node.wall_s,
-            "queue": node.queue,
-            "stage_in": node.stage_in,
-        }
+        attrs: dict[str, Any] = {"noop": True} if node.noop else {"command": node.command}
+        attrs.update(priority=node.priority, wall_s=node.wall_s, queue=node.queue, stage_in=node.stage_in)
+        if node.name in labels:
+            attrs["label"] = labels[node.name]
         if node.env:
             attrs["env"] = json.dumps(dict(node.env), sort_keys=True)
         for attr in ("budget_s", "expected_s", "max_running"):
@@ -281,5 +292,7 @@ def to_graphml(t: Template) -> str:
             if value is not None:
                 attrs[attr] = value
         g.add_node(node.name, **attrs)
-    g.add_edges_from(t.edges)
+    for edge in t.edges:
+        described = edge_descriptions.get(edge)
+        g.add_edge(*edge, **({"description": described} if described else {}))
     return "\n".join(nx.generate_graphml(g)) + "\n"

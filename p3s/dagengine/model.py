@@ -15,6 +15,7 @@ from typing import Any
 import networkx as nx
 
 from p3s.dagengine import rules
+from p3s.dagengine.placeholders import outdir_refs
 from p3s.dagengine.rules import GRAPH_SPEC, NODE_SPEC, QUEUE_RE, bad, coerce
 from p3s.errors import TemplateError
 
@@ -64,7 +65,7 @@ class Node:
     """One stage of a template: the command a job runs and how it is scheduled."""
 
     name: str
-    command: str
+    command: str = ""
     priority: int = 5
     wall_s: float = 3600.0
     queue: str = "default"
@@ -73,6 +74,8 @@ class Node:
     expected_s: float | None = None
     max_running: int | None = None
     stage_in: bool = False
+    #: A node that runs nothing: its job finishes as soon as its parents have, with no task and no pilot.
+    noop: bool = False
 
     def __post_init__(self) -> None:
         rules.check_name("node", self.name)
@@ -82,7 +85,10 @@ class Node:
             if value is not None:
                 value = coerce(n, attr, value, NODE_SPEC)
                 object.__setattr__(self, attr, FrozenEnv(value) if attr == "env" else value)
-        rules.split_command(n, self.command)
+        if self.noop:
+            rules.check_noop(n, self.command, self.env, self.stage_in)
+        else:
+            rules.split_command(n, self.command)
         rules.check_placeholders(n, "command", self.command)
         for val in self.env.values():
             rules.check_placeholders(n, "env", val)
@@ -104,12 +110,21 @@ class Node:
         """The command split like a POSIX shell would, without running one (once per node)."""
         return tuple(shlex.split(self.command))
 
+    @functools.cached_property
+    def outdir_refs(self) -> frozenset[str]:
+        """The other nodes whose output directory the command or env names with ``{outdir:NODE}``."""
+        refs = set(outdir_refs(self.command))
+        for val in self.env.values():
+            refs |= outdir_refs(val)
+        return frozenset(refs)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form; None-valued optional fields are omitted."""
+        """JSON-able form; None-valued optional fields are omitted, and ``noop`` unless true."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None:
+            # noop only where true: snapshots of templates without no-op nodes read as before.
+            if value is None or (f.name == "noop" and not value):
                 continue
             out[f.name] = dict(value) if f.name == "env" else value
         return out
@@ -167,6 +182,9 @@ class Template:
                     raise TemplateError(f"edge {parent!r} -> {child!r}: unknown node {end!r}")
             g.add_edge(parent, child)
         _refuse_cycle(g)
+        for node in nodes:
+            if node.outdir_refs:
+                rules.check_outdir_refs(node.name, node.outdir_refs, nx.ancestors(g, node.name), by_name)
         order = list(nx.lexicographical_topological_sort(g))
         object.__setattr__(self, "nodes", tuple(by_name[n] for n in order))
         object.__setattr__(self, "edges", tuple(sorted(g.edges())))
@@ -259,7 +277,7 @@ class Template:
         node_fields = {f.name for f in fields(Node)}
         nodes = []
         for nd in d["nodes"]:
-            if not isinstance(nd, Mapping) or "name" not in nd or "command" not in nd:
+            if not isinstance(nd, Mapping) or "name" not in nd or ("command" not in nd and not nd.get("noop")):
                 raise TemplateError(f"template snapshot: bad node {nd!r}")
             rules.refuse_unknown(str(nd["name"]), set(nd) - node_fields, node_fields)
             nodes.append(Node(**nd))

@@ -1,8 +1,10 @@
 """Placeholders of a node's command and environment, and their expansion at run time.
 
-A placeholder is a lowercase identifier in braces, e.g. ``{input}``; other brace
-text (``{A}``, ``{}``, ``{print $1}`` inside quotes) is left alone, so awk and
-printf arguments pass unchanged.  Expansion happens on the argv words after the
+A placeholder is a lowercase identifier in braces, e.g. ``{input}``, or
+``{outdir:NODE}``, the output directory of another node of the same workflow
+(an ancestor: the template rules check that); other brace text (``{A}``,
+``{}``, ``{print $1}`` inside quotes) is left alone, so awk and printf
+arguments pass unchanged.  Expansion happens on the argv words after the
 command was split, so a value is never split or interpreted again.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-__all__ = ["PLACEHOLDERS", "PLACEHOLDER_RE", "expand", "expand_env"]
+__all__ = ["OUTDIR_OF", "PLACEHOLDERS", "PLACEHOLDER_RE", "expand", "expand_env", "is_placeholder", "outdir_refs"]
 
 #: The placeholders a command or an env value may use, e.g. ``{input}``.
 PLACEHOLDERS: frozenset[str] = frozenset(
@@ -26,8 +28,22 @@ PLACEHOLDERS: frozenset[str] = frozenset(
     }
 )
 
-# Only lowercase identifiers in braces are placeholders.
-PLACEHOLDER_RE = re.compile(r"\{([a-z_]+)\}")
+#: The prefix of the placeholder naming another node's output directory, ``{outdir:NODE}``;
+#: the dispatcher gives its value under the key ``outdir:NODE``.
+OUTDIR_OF = "outdir:"
+
+# Only lowercase identifiers in braces are placeholders, and outdir: followed by a node name.
+PLACEHOLDER_RE = re.compile(r"\{([a-z_]+|outdir:[A-Za-z0-9_][A-Za-z0-9_.-]*)\}")
+
+
+def is_placeholder(name: str) -> bool:
+    """True for a placeholder p3s gives a value: one of PLACEHOLDERS, or ``outdir:NODE``."""
+    return name in PLACEHOLDERS or name.startswith(OUTDIR_OF)
+
+
+def outdir_refs(text: str) -> frozenset[str]:
+    """The nodes whose output directory ``text`` names with ``{outdir:NODE}``."""
+    return frozenset(m[len(OUTDIR_OF) :] for m in PLACEHOLDER_RE.findall(text) if m.startswith(OUTDIR_OF))
 
 
 def _sub(text: str, values: Mapping[str, str | Sequence[str]], sep: str) -> str:

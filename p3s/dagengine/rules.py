@@ -23,11 +23,11 @@ import math
 import os.path
 import re
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from p3s.dagengine.placeholders import PLACEHOLDER_RE, PLACEHOLDERS
+from p3s.dagengine.placeholders import OUTDIR_OF, PLACEHOLDER_RE, PLACEHOLDERS, is_placeholder
 from p3s.errors import TemplateError
 
 if TYPE_CHECKING:
@@ -133,13 +133,39 @@ def check_name(kind: str, value: object) -> str:
 
 
 def check_placeholders(node: str, attr: str, text: str) -> None:
-    unknown = sorted({m for m in PLACEHOLDER_RE.findall(text) if m not in PLACEHOLDERS})
+    unknown = sorted({m for m in PLACEHOLDER_RE.findall(text) if not is_placeholder(m)})
     if unknown:
         raise TemplateError(
             f"node {node!r}: attribute {attr!r} uses unknown placeholder(s)"
             f" {', '.join('{' + u + '}' for u in unknown)};"
-            f" allowed: {', '.join(sorted(PLACEHOLDERS))}"
+            f" allowed: {', '.join(sorted(PLACEHOLDERS))}, {{{OUTDIR_OF}NODE}}"
         )
+
+
+def check_noop(node: str, command: str, env: Mapping[str, str], stage_in: bool) -> None:
+    """A no-op node runs nothing, so it has no command, env or stage_in to give a payload."""
+    given = [name for name, value in (("command", command.strip()), ("env", env), ("stage_in", stage_in)) if value]
+    if given:
+        raise TemplateError(
+            f"node {node!r}: a no-op node (noop = true) runs nothing, so it takes no"
+            f" {', '.join(repr(g) for g in given)}; remove them, or set noop to false"
+        )
+
+
+def check_outdir_refs(
+    node: str, refs: Iterable[str], ancestors: Collection[str], nodes: Mapping[str, Any]
+) -> None:
+    """Every ``{outdir:NODE}`` of a node names an ancestor that runs something."""
+    for ref in sorted(refs):
+        if ref not in ancestors:
+            raise TemplateError(
+                f"node {node!r}: placeholder {{{OUTDIR_OF}{ref}}} names {ref!r}, which is not an ancestor of"
+                f" {node!r}; a node may read the output only of a node it waits for"
+            )
+        if nodes[ref].noop:
+            raise TemplateError(
+                f"node {node!r}: placeholder {{{OUTDIR_OF}{ref}}} names a no-op node, which writes nothing"
+            )
 
 
 def split_command(node: str, command: object) -> tuple[str, ...]:
@@ -188,6 +214,7 @@ NODE_SPEC: dict[str, tuple[str, str]] = {
     "expected_s": ("float", "a number >= 0"),
     "max_running": ("int", "an integer >= 1"),
     "stage_in": ("bool", "a boolean (true or false)"),
+    "noop": ("bool", "a boolean (true or false)"),
 }
 GRAPH_SPEC: dict[str, tuple[str, str]] = {
     "name": ("str", "a template name"),
@@ -254,7 +281,8 @@ def check_import(template: Template, limits: TemplateLimits | None = None) -> No
             raise TemplateError(
                 f"node {n.name!r}: attribute 'max_running' must be at most {MAX_RUNNING}, got {n.max_running}"
             )
-        check_shell_syntax(n.name, n.command)
+        if not n.noop:
+            check_shell_syntax(n.name, n.command)
 
 
 # ---------------------------------------------------------------------------
@@ -433,7 +461,7 @@ def check_shell_syntax(node: str, command: str) -> None:
                         "Set the variable in the node's env attribute, or " + _SHELL_HINT,
                     )
         if in_script:
-            used = sorted({m for m in PLACEHOLDER_RE.findall("".join(c.ch for c in word)) if m in PLACEHOLDERS})
+            used = sorted({m for m in PLACEHOLDER_RE.findall("".join(c.ch for c in word)) if is_placeholder(m)})
             if used:
                 raise TemplateError(
                     f"node {node!r}: attribute 'command' puts {{{used[0]}}} inside the shell's script,"

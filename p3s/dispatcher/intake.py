@@ -17,7 +17,7 @@ from p3s.dagengine import Template
 from p3s.db import FileRecord, Job, Workflow
 from p3s.dispatcher.catalogue import TemplateRef
 from p3s.dispatcher.context import Context
-from p3s.dispatcher.jobs import has_slot, make_task, unpublished_tasks
+from p3s.dispatcher.jobs import advance, complete_noop, has_slot, make_task, unpublished_tasks
 from p3s.dispatcher.sampling import fraction_for, keep
 from p3s.messages import DataEvent, Task, new_token, token_hash
 from p3s.states import Decision, JobState, WorkflowState
@@ -130,6 +130,7 @@ def record_events(
     wf_rows: list[dict[str, Any]] = []
     job_rows: list[dict[str, Any]] = []
     queued: list[tuple[Template, Any, Any, Any, str]] = []
+    advancing: list[int] = []  # workflows with a root no-op: their children may be ready at once
     taken: dict[tuple[str, str], int] = {}
     for ev, decision, first, reason, matching in decided:
         file = {
@@ -163,6 +164,7 @@ def record_events(
             }
             wf_rows.append(wf)
             roots = set(tpl.roots())
+            noop_root = False
             for node in tpl.nodes:
                 job = {
                     "id": next(job_ids),
@@ -186,7 +188,12 @@ def record_events(
                     "started_at": None,
                     "ended_at": None,
                 }
-                if node.name in roots:
+                if node.name in roots and node.noop:
+                    finished = SimpleNamespace(**job)
+                    complete_noop(finished, ctx)
+                    job.update(vars(finished))
+                    noop_root = True
+                elif node.name in roots:
                     if has_slot(session, tpl, node.name, taken):
                         token = new_token()
                         job.update(
@@ -201,6 +208,8 @@ def record_events(
                     else:
                         job["held"] = True
                 job_rows.append(job)
+            if noop_root:
+                advancing.append(wf["id"])
             waited = max(0.0, ctx.now - ev.seen_at)
             ctx.later(lambda name=tpl.name, waited=waited: metrics.SEEN_TO_CREATED.labels(name).observe(waited))
     # Core executemany, one per table, parents before children for the foreign keys.
@@ -209,6 +218,11 @@ def record_events(
         if rows:
             conn.execute(_INSERTS[model], rows)
     tasks = [make_task(session, ctx, tpl, wf, job, file, token) for tpl, wf, job, file, token in queued]
+    # Made in this transaction, these workflows are seen by no one else yet: no lock needed.
+    for wf_id in advancing:
+        wf_row = session.get(Workflow, wf_id)
+        assert wf_row is not None
+        tasks.extend(advance(session, wf_row, ctx, active))
     if again:
         workflows = set(session.scalars(select(Workflow.id).where(Workflow.file_id.in_(sorted(again)))).all())
         tasks.extend(unpublished_tasks(session, ctx, workflows))

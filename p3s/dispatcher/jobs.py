@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from p3s import metrics
 from p3s.dagengine import Template, can_transition, plan, workflow_state
+from p3s.dagengine.placeholders import OUTDIR_OF
 from p3s.db import FileRecord, Job, Workflow
 from p3s.dispatcher.catalogue import Active
 from p3s.dispatcher.context import Context
@@ -56,6 +57,7 @@ def make_task(
         token = new_token()
         job.token_hash = token_hash(token)
     node = tpl.node(job.node)
+    outdirs = {f"{OUTDIR_OF}{ref}": ctx.outdir(wf.id, ref) for ref in sorted(node.outdir_refs)}
     expected = node.expected_s
     if expected is None:
         expected = ctx.catalogue.expected_run_time(
@@ -74,6 +76,7 @@ def make_task(
             "workflow_id": str(wf.id),
             "outdir": ctx.outdir(wf.id, node.name),
             "parent_outdirs": [ctx.outdir(wf.id, p) for p in tpl.parents(node.name)],
+            **outdirs,
         },
         env=dict(node.env),
         queue=node.queue,
@@ -130,6 +133,21 @@ def finish_job(job: Job, state: JobState, ctx: Context, reason: str = "") -> Non
         ctx.later(lambda: metrics.RUN_TIME.labels(template, node).observe(run_time))
 
 
+NOOP_REASON = "no-op: nothing to run"
+
+
+def complete_noop(job: Any, ctx: Context) -> None:
+    """Finish a ready no-op job at once, in the caller's transaction: no task, no pilot, no slot.
+
+    ``job`` is a row or a look-alike.  The caller then advances the workflow
+    (intake does so once the rows are inserted), so the children become ready
+    in the same transaction.
+    """
+    finish_job(job, JobState.FINISHED, ctx, NOOP_REASON)
+    job_id = job.id
+    ctx.later(lambda: log.info("job %s: no-op, finished without a task", job_id))
+
+
 def advance(session: Session, wf: Workflow, ctx: Context, active: Active | None = None) -> list[Task]:
     """Move a workflow on after one of its jobs changed: enqueue ready jobs, drop doomed ones.
 
@@ -153,6 +171,12 @@ def advance(session: Session, wf: Workflow, ctx: Context, active: Active | None 
             job = jobs[node_name]
             if job.deadline <= ctx.now:
                 finish_job(job, JobState.EXPIRED, ctx, "deadline passed before its parents finished")
+                tasks.extend(advance(session, wf, ctx, active))
+                return tasks
+            if tpl.node(node_name).noop:
+                # Its children may be ready now; the next round sees them (and the
+                # rest of this round's ready jobs, which are still pending).
+                complete_noop(job, ctx)
                 tasks.extend(advance(session, wf, ctx, active))
                 return tasks
             if has_slot(session, tpl, node_name, taken):
@@ -332,6 +356,14 @@ def release_held(session: Session, ctx: Context) -> list[Task]:
         wf = session.get(Workflow, job.workflow_id)
         assert wf is not None
         tpl = ctx.catalogue.snapshot(session, wf.template_id)
+        if tpl.node(job.node).noop:
+            # A no-op takes no slot, so it is never held by intake or advance; should one be, it ends here.
+            wf = _locked_workflow(session, wf.id)
+            session.refresh(job)
+            if job.state == JobState.PENDING:
+                complete_noop(job, ctx)
+                tasks.extend(advance(session, wf, ctx, active))
+            continue
         if not has_slot(session, tpl, job.node, taken):
             continue
         file = session.get(FileRecord, wf.file_id)
