@@ -642,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--id", default=None, help="pilot id (default: host-pid-random)")
     q.add_argument("--metrics-port", type=int, default=None, help="serve metrics on this port")
     q.set_defaults(func=cmd_pilot)
+    from p3s.cli_control import add_commands  # cancel; pilots stop|drain
+
+    add_commands(sub)
     return parser
 
 
