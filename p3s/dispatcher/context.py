@@ -75,6 +75,8 @@ class Context:
     ids: IdAllocator = field(default_factory=IdAllocator)
     output_root: str = ""
     effects: list[Callable[[], None]] = field(default_factory=list)
+    # Orders to pilots (p3s.messages.Control), sent once the transaction has committed.
+    orders: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.output_root = str(self.settings.output_path)

@@ -23,7 +23,7 @@ from p3s.db import FileRecord, Job, Workflow
 from p3s.dispatcher.catalogue import Active
 from p3s.dispatcher.context import Context
 from p3s.errors import ReportRefused
-from p3s.messages import JobReport, Task, new_token, token_hash
+from p3s.messages import Control, JobReport, Task, new_token, token_hash
 from p3s.states import TERMINAL_JOB_STATES, JobState, WorkflowState
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,13 @@ def _job_started(session: Session, report: JobReport, ctx: Context) -> list[Task
                       report.pilot_id)
             return []
         check_report(job, report, holder=False)
-        if job.state == JobState.RUNNING and job.pilot_id != report.pilot_id:
+        if JobState(job.state).terminal:
+            # Its task was still in a queue when the job ended (cancelled by the
+            # operator, say): the payload now runs for nothing, so stop it.
+            ctx.orders.append(Control("cancel_job", report.pilot_id, job_id=job.id))
+            log.info("job %s: pilot %s started it after it ended %s; telling the pilot to stop it",
+                     job.id, report.pilot_id, job.state)
+        elif job.state == JobState.RUNNING and job.pilot_id != report.pilot_id:
             ctx.later(metrics.DUPLICATE_STARTS.inc)
             log.error("job %s: pilot %s started it while pilot %s runs it", report.job_id, report.pilot_id,
                       job.pilot_id)

@@ -118,7 +118,10 @@ class Dispatcher(broker.ReconnectingConsumer):
         self.engine = engine
         self.connection = connection
         self._reload_settings = reload_settings
-        self.publisher = Publisher(settings.broker, exchanges=[topology.tasks_exchange, topology.invalid_exchange])
+        self.publisher = Publisher(
+            settings.broker,
+            exchanges=[topology.tasks_exchange, topology.invalid_exchange, topology.control_exchange],
+        )
         self.catalogue = Catalogue()
         self.ids = IdAllocator()
         self.admission = Admission()
@@ -376,6 +379,7 @@ class Dispatcher(broker.ReconnectingConsumer):
             return
         self._database_back()
         ctx.committed()
+        self._send_orders(ctx)
         for item in items:
             if item.refusal is not None:
                 kind, reason = item.refusal
@@ -436,6 +440,18 @@ class Dispatcher(broker.ReconnectingConsumer):
         for message in messages:
             if not self._settle(message.ack):
                 return
+
+    def _send_orders(self, ctx: Context) -> None:
+        """Orders to pilots that the batch decided on (stop a payload whose job already ended)."""
+        if not ctx.orders:
+            return
+        try:
+            self.publisher.publish(
+                Outgoing(topology.control_exchange, topology.control_routing_key(c.pilot_id), encode(c))
+                for c in ctx.orders
+            )
+        except BrokerUnavailable as exc:
+            log.error("dispatcher: %d order(s) to pilots not sent: %s", len(ctx.orders), exc)
 
     def _hand_back_held(self) -> None:
         now = time.monotonic()

@@ -303,3 +303,16 @@ def test_a_path_outside_the_roots_of_its_stream_is_refused(engine, tmp_path: Pat
     for name in ("shadow", "up.dat", "near.dat"):
         assert files[name]["decision"] == "refused", files[name]
         assert files[name]["reason"] == "path outside the roots of stream 'raw'"
+
+
+def test_a_task_started_after_its_job_ended_gets_its_pilot_told_to_stop(engine, tmp_path: Path) -> None:
+    """A queued job cancelled (or expired) while its task waited: the pilot that takes it later is told to stop."""
+    c = ctx(tmp_path)
+    add_template(engine, graphml({"a": {"command": "true"}}), "t")
+    (task,) = record(engine, [event("f1")], c)
+    with Session(engine) as s, s.begin():
+        s.execute(update(db.Job).values(state="dropped", reason="cancelled by operator", ended_at=time.time()))
+    later = Context(c.settings)
+    report(engine, task.job_id, JobState.RUNNING, later, started_at=time.time())
+    assert [(o.action, o.pilot_id, o.job_id) for o in later.orders] == [("cancel_job", "pilot-1", task.job_id)]
+    assert jobs(engine)["a"]["state"] == "dropped", "the job's end stands"
