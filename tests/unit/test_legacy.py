@@ -9,6 +9,7 @@ from xml.sax.saxutils import escape
 
 import pytest
 
+from p3s.cli import EXIT_OK, EXIT_USAGE, main
 from p3s.dagengine import Node, Template, check_import, expand, expand_env, parse_graphml, to_dot, to_mermaid
 from p3s.dagengine.legacy import convert, map_priority
 from p3s.errors import TemplateError
@@ -273,6 +274,64 @@ def test_outdir_of_a_node_must_name_an_ancestor_that_runs_something() -> None:
     assert expand(("use", "{outdir:a}/x"), {"outdir:a": "/o/1/a"}) == ["use", "/o/1/a/x"]
     with pytest.raises(TemplateError, match=r"puts \{outdir:a\} inside the shell's script"):
         check_import(Template("t", "*", 60, (a, Node("b", "/bin/sh -c 'cat {outdir:a}/x'")), (("a", "b"),)))
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for key in [k for k in __import__("os").environ if k.startswith("P3S_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("P3S_STATE_DIR", str(tmp_path / "state"))
+    return tmp_path
+
+
+def test_dry_run_prints_the_graphml_and_notes_and_imports_nothing(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    legacy = state / "fan.legacy.graphml"
+    legacy.write_text(fan_out())
+    args = ["dag", "import", "--legacy", str(legacy), "--name", "fan", "--trigger", "*.dat", "--budget", "60"]
+    assert main([*args, "--dry-run"]) == EXIT_OK
+    out = capsys.readouterr()
+    assert parse_graphml(out.out) == convert(fan_out(), "fan", "*.dat", 60).template
+    assert "note: node 'filter1': P3S_EXECMODE=SHELL" in out.err
+    assert not (state / "state").exists() or not list((state / "state").iterdir())  # no database made
+
+    assert main(["db", "upgrade"]) == EXIT_OK
+    converted = state / "fan.graphml"
+    converted.write_text(out.out)
+    assert main(["dag", "import", str(converted)]) == EXIT_OK  # the reviewed file, without --legacy
+    assert "template fan version 1: 5 node(s)" in capsys.readouterr().out
+    assert main(args) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "note: " in captured.err
+    assert main(["dag", "show", "fan"]) == EXIT_OK
+    shown = capsys.readouterr().out
+    assert "NOOP" in shown and "True" in shown
+
+
+def test_a_refused_legacy_file_is_one_message_with_every_problem(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    legacy = state / "bad.graphml"
+    legacy.write_text(legacy_graphml({"a": {"jobtype": "x"}, "b": {"jobtype": "y"}}))
+    code = main(["dag", "import", "--legacy", str(legacy), "--name", "t", "--trigger", "*", "--budget", "9"])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"p3s: {legacy}: cannot convert the older system's template, 2 problems:")
+    assert "node 'a': has no payload" in err and "node 'b': has no payload" in err
+    assert "Traceback" not in err
+
+
+def test_legacy_options_go_together(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    legacy = state / "fan.graphml"
+    legacy.write_text(fan_out())
+    assert main(["dag", "import", "--legacy", str(legacy), "--name", "fan"]) == EXIT_USAGE
+    assert "needs --name, --trigger and --budget" in capsys.readouterr().err
+    assert main(["dag", "import", str(legacy), "--trigger", "*"]) == EXIT_USAGE
+    assert "--trigger: only with --legacy FILE" in capsys.readouterr().err
 
 
 # -- the dispatcher: a no-op job ends at once, without a pilot --------------------------------------
