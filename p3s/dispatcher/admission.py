@@ -9,9 +9,10 @@ serves it: its live pilots (idle or busy, from the pilots table) take tasks in
 priority order, first in first out within a priority, one at a time, each task
 keeping its pilot for the stage's mean run time.  A new task is admitted only
 if, behind everything that keeps its place ahead of it, it would start soon
-enough to finish within :data:`SHARE` of its time left (on a
-free pilot it may always start if it can finish by its deadline); otherwise it
-is dropped at once, reason ``overload: ...``.  A task already in the broker
+enough to finish within :data:`SHARE` of its budget from the file being seen
+(on a free pilot it may always start if it can finish by its deadline); otherwise it
+is dropped at once, reason ``overload: ...``.  A stage whose run time is not
+known yet gets about :data:`MIN_SAMPLES` tasks per pilot until it is.  A task already in the broker
 cannot be taken back: if a newer, higher-priority task pushes it past its
 deadline, the model stops counting its run time (the pilot's receipt check
 will refuse it, ``too_late``, or its deadline will expire it).
@@ -36,7 +37,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from p3s.db import Job, Pilot
-from p3s.dispatcher.catalogue import stage_run_times
 from p3s.dispatcher.context import Context
 from p3s.dispatcher.jobs import move_job
 from p3s.messages import Task
@@ -48,7 +48,7 @@ REFRESH_S = 1.0  # the queue model is re-read from the database at most this oft
 STATS_REFRESH_S = 10.0  # a stage's run-time statistics, at most this often
 MIN_SAMPLES = 5  # finished jobs before a stage's learned run times are used
 OVERLOAD = "overload"
-# A new task must be predicted to finish within this share of its time left: the
+# A new task must be predicted to finish within this share of its budget: the
 # rest is the margin for what the model cannot foresee, and it keeps results in
 # the first half of their budget.
 SHARE = 0.5
@@ -156,18 +156,33 @@ class QueueModel:
         return len(self.entries)
 
 
-def new_task_limit(now: float, deadline: float, run: float, share: float, root: bool) -> float:
+def _mean_gap(runs: Sequence[tuple[str | None, float, float]], mean: float) -> float:
+    """Mean time from a run's end to the next start on the same pilot, counting only busy spells."""
+    by_pilot: dict[str | None, list[tuple[float, float]]] = {}
+    for pilot, started, ended in runs:
+        by_pilot.setdefault(pilot, []).append((started, ended))
+    gaps = []
+    for spans in by_pilot.values():
+        spans.sort()
+        for (_s0, e0), (s1, _e1) in zip(spans, spans[1:]):
+            if 0 <= s1 - e0 <= mean:  # longer: the pilot was idle, not busy between tasks
+                gaps.append(s1 - e0)
+    return sum(gaps) / len(gaps) if gaps else 0.0
+
+
+def new_task_limit(now: float, seen_at: float, deadline: float, run: float, share: float, root: bool) -> float:
     """By when a new task must be predicted to finish to be admitted.
 
-    A root stage (new work) must finish within ``share`` of its time left, so
-    the other part is left for what the model cannot foresee (a run time's
-    tail, a pilot lost); but it may always start on a free pilot at once if it
-    can finish by its deadline.  A later stage, whose parents' work is already
-    spent, may wait as long as it can still finish by its deadline.
+    A root stage (new work) must finish within ``share`` of its budget, counted
+    from the file being seen, so the rest is left for what the model cannot
+    foresee (a run time's tail, a pilot lost) and results stay fresh; but it
+    may always start on a free pilot at once if it can finish by its deadline.
+    A later stage, whose parents' work is already spent, may wait as long as it
+    can still finish by its deadline.
     """
     if not root:
         return deadline
-    return min(deadline, max(now + share * (deadline - now), now + run))
+    return min(deadline, max(seen_at + share * (deadline - seen_at), now + run))
 
 
 @dataclass
@@ -181,7 +196,7 @@ class Admission:
     """Decides which new tasks join their queues; one per dispatcher, its queue models kept between batches."""
 
     def __init__(self, share: float = SHARE) -> None:
-        """``share``: of its time left, within which a new task must finish (0: admit everything)."""
+        """``share``: of its budget, within which a new task must finish (0: admit everything)."""
         self.share = share
         self._models: dict[str, QueueModel] = {}
         self._refreshed = float("-inf")
@@ -214,7 +229,11 @@ class Admission:
             root = self._stages.get((task.template, task.node), (False, 0.0))[0]
             entry = Entry(task.job_id, self._priority(ctx, task.priority), now, task.deadline, task.expected_s,
                           stats.mean or task.expected_s)
-            entry.limit = new_task_limit(now, task.deadline, task.expected_s, share, root)
+            entry.limit = new_task_limit(now, min(task.seen_at, now), task.deadline, task.expected_s, share, root)
+            if task.expected_s <= 0:
+                # Its run time is not known yet (no expected_s, too few finished jobs): each
+                # pilot gets about as many as it takes to learn it, within the allowed wait.
+                entry.occupy = max(0.0, entry.limit - now) / MIN_SAMPLES
             entries.setdefault(task.queue, []).append(entry)
             by_entry[id(entry)] = task
         for queue, new in entries.items():
@@ -262,15 +281,28 @@ class Admission:
         return dataclasses.replace(task, expected_s=p95) if p95 > 0 else task
 
     def _stage(self, session: Session, ctx: Context, template: str, node: str) -> StageStats:
-        """A stage's mean and p95 run time from its recent finished jobs (0 with too few), re-read at times."""
+        """A stage's pilot time per task and p95 run time from its recent finished jobs, re-read at times.
+
+        The pilot time per task is the mean run time plus the mean gap between
+        one run's end and the next start on the same pilot (the report, the
+        next delivery, the fork): under load, that is what drains the queue.
+        """
         key = (template, node)
         stats = self._stats.setdefault(key, StageStats())
         # Re-read often while the stage has too few finished jobs to go by.
         if ctx.now - stats.at >= (STATS_REFRESH_S if stats.p95 > 0 else REFRESH_S):
-            times = sorted(stage_run_times(session, template, node, ctx.settings.dispatcher.expected_sample))
-            if len(times) >= MIN_SAMPLES:
-                stats.mean = sum(times) / len(times)
+            rows = session.execute(
+                select(Job.pilot_id, Job.started_at, Job.ended_at)
+                .where(Job.template == template, Job.node == node, Job.state == JobState.FINISHED)
+                .order_by(Job.id.desc())
+                .limit(ctx.settings.dispatcher.expected_sample)
+            ).all()
+            runs = [(p, s0, e) for p, s0, e in rows if s0 is not None and e is not None and e >= s0]
+            if len(runs) >= MIN_SAMPLES:
+                times = sorted(e - s0 for _p, s0, e in runs)
+                mean = sum(times) / len(times)
                 stats.p95 = times[min(len(times) - 1, int(0.95 * len(times)))]
+                stats.mean = mean + _mean_gap(runs, mean)
             stats.at = ctx.now
         return stats
 

@@ -115,12 +115,13 @@ def test_fifo_only_on_the_embedded_transport() -> None:
 
 
 def test_new_task_limit() -> None:
-    # A root stage: half its time left, but a task longer than that may still start on a free pilot.
-    assert new_task_limit(NOW, NOW + 10, 0.5, 0.5, root=True) == NOW + 5
-    assert new_task_limit(NOW, NOW + 10, 7.0, 0.5, root=True) == NOW + 7
-    assert new_task_limit(NOW, NOW + 10, 12.0, 0.5, root=True) == NOW + 10
+    # A root stage: half its budget from the file seen, but a task longer than what is left of
+    # that may still start on a free pilot if it can finish by its deadline.
+    assert new_task_limit(NOW, NOW - 1, NOW + 9, 0.5, 0.5, root=True) == NOW + 4
+    assert new_task_limit(NOW, NOW, NOW + 10, 7.0, 0.5, root=True) == NOW + 7
+    assert new_task_limit(NOW, NOW, NOW + 10, 12.0, 0.5, root=True) == NOW + 10
     # A later stage: its parents' work is spent; it may take all its time left.
-    assert new_task_limit(NOW, NOW + 10, 0.5, 0.5, root=False) == NOW + 10
+    assert new_task_limit(NOW, NOW - 6, NOW + 4, 0.5, 0.5, root=False) == NOW + 4
 
 
 # -- inside the dispatcher's transaction, on SQLite ----------------------------------------------
@@ -243,7 +244,9 @@ def test_learned_run_time_fills_a_task_without_expected_s(engine, tmp_path: Path
     register(engine, c, "p1", ["default"])
     admission = Admission()
     tasks = batch(engine, admission, events("a", 8, c.now), c)
-    assert len(tasks) == 8 and {t.expected_s for t in tasks} == {0.0}, "nothing known yet: admitted"
+    # Nothing known yet: as many per pilot as it takes to learn the run time (start at 0, 1, ... 5 s of 5 s).
+    assert len(tasks) == 6 and {t.expected_s for t in tasks} == {0.0}
+    tasks += batch(engine, Admission(share=0), events("z", 2, c.now), c)
     with Session(engine) as s, s.begin():
         for j in s.query(db.Job).all():
             j.state, j.started_at, j.ended_at = JobState.FINISHED, c.now, c.now + 2.0
@@ -271,3 +274,27 @@ def test_priorities_on_a_real_broker_order_the_queue(engine, tmp_path: Path) -> 
     # The low ones now finish at 6 ... 14 s, all before their 30 s deadline; new low ones
     # finish at 15 s (admitted: half of 30 s) and 16 s (dropped).
     assert len(batch(engine, admission, events("lowx", 2, c.now), c)) == 1
+
+
+# -- what the operator sees -----------------------------------------------------------------------
+
+
+def test_status_shows_the_on_time_share_per_template(engine, tmp_path: Path) -> None:
+    from p3s.dispatcher import status
+
+    settings = make_settings(tmp_path)
+    c = Context(settings, now=time.time())
+    add_template(engine, graphml({"dqm": {"command": "true"}}, budget_s=10, name="st"), "st")
+    batch(engine, Admission(share=0), events("a", 5, c.now - 100), c)
+    with Session(engine) as s, s.begin():
+        wfs = s.query(db.Workflow).order_by(db.Workflow.id).all()
+        # Three finished in time, one finished late, one incomplete; none still running.
+        for wf, (state, after) in zip(wfs, [("finished", 2), ("finished", 5), ("finished", 9.9),
+                                            ("finished", 12), ("incomplete", 3)], strict=True):
+            wf.state, wf.ended_at = state, wf.seen_at + after
+    with Session(engine) as s:
+        data = status.collect(s, settings, now=c.now, watcher_metrics="")
+    assert data["on_time"] == [{"template": "st", "ended": 5, "on_time": 3, "share": 0.6}]
+    text = status.render(data)
+    assert "on time, workflows finished within their deadline" in text
+    assert "60.0%" in text
