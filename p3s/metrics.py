@@ -28,6 +28,11 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 FILES = Counter("p3s_files", "Files the dispatcher was told about, by decision.", ["stream", "decision"])
 JOBS = Counter("p3s_jobs", "Jobs that reached a terminal state, by state and stage.", ["template", "node", "state"])
 WORKFLOWS = Counter("p3s_workflows", "Workflows that ended, by template and state.", ["template", "state"])
+# Against p3s_workflows_total: the share of a template's results that were ready in time.
+WORKFLOWS_ON_TIME = Counter(
+    "p3s_workflows_on_time", "Workflows that finished within their deadline (file seen + budget), by template.",
+    ["template"],
+)
 INVALID_MESSAGES = Counter(
     "p3s_invalid_messages", "Message bodies refused and dead-lettered to p3s.invalid.", ["queue"]
 )
@@ -116,6 +121,7 @@ def export_templates(templates: Iterable[Template]) -> None:
         names.add(tpl.name)
         TEMPLATE_BUDGET.labels(tpl.name).set(tpl.budget_s)
         SEEN_TO_CREATED.labels(tpl.name)
+        WORKFLOWS_ON_TIME.labels(tpl.name)
         for state in (WorkflowState.FINISHED, WorkflowState.INCOMPLETE):
             SEEN_TO_DONE.labels(tpl.name, state)
             WORKFLOWS.labels(tpl.name, state)
