@@ -190,6 +190,8 @@ def advance(session: Session, wf: Workflow, ctx: Context, active: Active | None 
         wf.ended_at = max((j.ended_at or ctx.now) for j in jobs.values())
         template, latency, wf_id = wf.template, max(0.0, wf.ended_at - wf.seen_at), wf.id
         ctx.later(metrics.WORKFLOWS.labels(template, state).inc)
+        if state == WorkflowState.FINISHED and wf.ended_at <= wf.deadline:
+            ctx.later(metrics.WORKFLOWS_ON_TIME.labels(template).inc)
         ctx.later(lambda: metrics.SEEN_TO_DONE.labels(template, state).observe(latency))
         ctx.later(lambda: log.info("workflow %s: %s", wf_id, state))
     return tasks
