@@ -222,7 +222,11 @@ class Admission:
         for task in tasks:
             task = self._with_expected(session, ctx, task)
             model = self._models.get(task.queue)
-            if model is None or not model.servers:
+            if model is None or not model.servers or task.expected_s <= 0:
+                # No pilot to model, or a stage whose run time is not known yet (no
+                # expected_s, too few finished jobs): nothing to judge by, so nothing is
+                # dropped here.  The pilot's own check on receipt still refuses a task
+                # that cannot finish, and the stage's run time is learned within seconds.
                 out.append(task)
                 continue
             stats = self._stage(session, ctx, task.template, task.node)
@@ -230,10 +234,6 @@ class Admission:
             entry = Entry(task.job_id, self._priority(ctx, task.priority), now, task.deadline, task.expected_s,
                           stats.mean or task.expected_s)
             entry.limit = new_task_limit(now, min(task.seen_at, now), task.deadline, task.expected_s, share, root)
-            if task.expected_s <= 0:
-                # Its run time is not known yet (no expected_s, too few finished jobs): each
-                # pilot gets about as many as it takes to learn it, within the allowed wait.
-                entry.occupy = max(0.0, entry.limit - now) / MIN_SAMPLES
             entries.setdefault(task.queue, []).append(entry)
             by_entry[id(entry)] = task
         for queue, new in entries.items():
