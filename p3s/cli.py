@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from p3s import __version__
+from p3s.errors import ConfigError
 from p3s.tables import print_table, safe, when
 
 EXIT_OK = 0
@@ -48,40 +49,61 @@ def emit(args: argparse.Namespace, rows: list[dict[str, Any]], columns: Sequence
 # -- settings and the database --------------------------------------------------------
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def settings_of(args: argparse.Namespace) -> Any:
+    """The settings, loaded once per command; their ``log_level`` applies unless --log-level was given."""
+    cached = getattr(args, "_settings", None)
+    if cached is not None:
+        return cached
     from p3s.config import load_settings
 
-    return load_settings(args.config)
+    settings = load_settings(args.config)
+    if not getattr(args, "log_level", None):
+        logging.getLogger().setLevel(settings.log_level)
+    args._settings = settings
+    return settings
 
 
-def session_of(args: argparse.Namespace) -> Any:
-    """A session on the configured database, its schema brought up to date."""
-    from sqlalchemy.orm import Session
+def engine_of(args: argparse.Namespace, edits: bool = False) -> Any:
+    """An engine on the configured database, whose schema must already be current.
 
+    Read-only commands never create or upgrade the schema (``p3s db upgrade``
+    does): on an empty or outdated database this raises DatabaseUnavailable
+    saying so.  Commands that edit records (``edits``) bring the schema of
+    the embedded default's SQLite file up to date, as ``p3s run`` would, so
+    a laptop needs no ``p3s db upgrade``; a server's schema is its operator's.
+    """
     from p3s import db
 
     settings = settings_of(args)
-    db.upgrade(settings.database_url)
-    return Session(db.make_engine(settings.database_url))
+    if edits and not settings.database.url:
+        db.upgrade(settings.database_url)
+    else:
+        db.check_schema(settings.database_url)
+    return db.make_engine(settings.database_url)
+
+
+def session_of(args: argparse.Namespace, edits: bool = False) -> Any:
+    """A session on the configured database (see engine_of)."""
+    from sqlalchemy.orm import Session
+
+    return Session(engine_of(args, edits))
 
 
 # -- commands ---------------------------------------------------------------------------
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
+    from p3s.config import to_toml
+
     settings = settings_of(args)
-    data = settings.to_dict(masked=True)
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(settings.to_dict(masked=True), indent=2))
         return EXIT_OK
-    for key, value in data.items():
-        if isinstance(value, dict):
-            print(f"[{key}]")
-            for k, v in value.items():
-                print(f"{k} = {json.dumps(v)}")
-            print()
-        else:
-            print(f"{key} = {json.dumps(value)}")
+    # A TOML file that loads back to these settings (URL passwords masked: keep them in password files).
+    sys.stdout.write(to_toml(settings, masked=True))
     return EXIT_OK
 
 
@@ -103,19 +125,34 @@ def cmd_dag_import(args: argparse.Namespace) -> int:
     from p3s.errors import TemplateError
 
     limits = TemplateLimits(**dataclasses.asdict(settings_of(args).templates))
-    try:
-        with open(args.file, "rb") as fh:
-            # One byte past the limit is enough to refuse: a huge file is never read whole.
-            data = fh.read(limits.max_bytes + 1)
-    except OSError as exc:
-        raise TemplateError(f"cannot read template file {args.file}: {exc.strerror}") from None
-    tpl = parse_graphml(data, name=args.name, limits=limits)
-    with session_of(args) as s, s.begin():
-        record = admin.import_template(s, tpl)
-        print(
-            f"template {record.name} version {record.version}: {len(tpl.nodes)} node(s), "
-            f"trigger {record.trigger!r}, budget {record.budget_s:g}s"
-        )
+    templates = []
+    if args.name and len(args.files) > 1:
+        raise TemplateError("--name names one template: give one file with it")
+    # Every file is read and checked before anything is stored: all of them or none.
+    for path in args.files:
+        try:
+            with open(path, "rb") as fh:
+                # One byte past the limit is enough to refuse: a huge file is never read whole.
+                data = fh.read(limits.max_bytes + 1)
+        except OSError as exc:
+            raise TemplateError(f"cannot read template file {path}: {exc.strerror}") from None
+        try:
+            templates.append(parse_graphml(data, name=args.name, limits=limits))
+        except TemplateError as exc:
+            raise TemplateError(f"{path}: {exc}" if len(args.files) > 1 else str(exc)) from None
+    names = [t.name for t in templates]
+    if len(set(names)) != len(names):
+        raise TemplateError(f"two files name the same template: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    with session_of(args, edits=True) as s, s.begin():
+        for tpl in templates:
+            record, changed = admin.import_template_if_changed(s, tpl)
+            if not changed:
+                print(f"template {record.name} version {record.version}: unchanged, no new version")
+                continue
+            print(
+                f"template {record.name} version {record.version}: {len(tpl.nodes)} node(s), "
+                f"trigger {record.trigger!r}, budget {record.budget_s:g}s"
+            )
     return EXIT_OK
 
 
@@ -171,6 +208,7 @@ def cmd_dag_show(args: argparse.Namespace) -> int:
             "expected_s",
             "max_running",
             "stage_in",
+            "noop",
             "command",
         ],
     )
@@ -184,7 +222,7 @@ def cmd_dag_show(args: argparse.Namespace) -> int:
 def cmd_dag_delete(args: argparse.Namespace) -> int:
     from p3s.dispatcher import admin
 
-    with session_of(args) as s, s.begin():
+    with session_of(args, edits=True) as s, s.begin():
         admin.delete_template(s, args.name)
     print(f"template {args.name}: deleted; no new workflows will be made from it")
     return EXIT_OK
@@ -193,7 +231,7 @@ def cmd_dag_delete(args: argparse.Namespace) -> int:
 def cmd_priority_set(args: argparse.Namespace) -> int:
     from p3s.dispatcher import admin
 
-    with session_of(args) as s, s.begin():
+    with session_of(args, edits=True) as s, s.begin():
         admin.set_priority(s, args.template, args.node, args.priority)
     print(f"stage {args.template}/{args.node}: priority {args.priority} for tasks enqueued from now on")
     return EXIT_OK
@@ -239,6 +277,58 @@ def cmd_pilots(args: argparse.Namespace) -> int:
     return emit(args, rows, ["id", "state", "host", "queues", "job_id", "jobs_done", "last_seen", "problem"])
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    """A job's log, read where the log root is reachable from this host; --follow until the job ends."""
+    from sqlalchemy.orm import Session
+
+    from p3s.dispatcher import admin
+    from p3s.states import JobState
+
+    settings = settings_of(args)
+    engine = engine_of(args)
+    out = sys.stdout.buffer
+    offset = 0
+    try:
+        while True:
+            with Session(engine) as s:
+                job = admin.job_log_info(s, args.job)
+            ended = JobState(job["state"]).terminal
+            candidates = admin.log_candidates(job, settings.log_path)
+            found = next((c for c in candidates if c.is_file()), None)
+            if found is None:
+                if ended or not args.follow:
+                    return _no_log(job, candidates, settings.log_path)
+            else:
+                with found.open("rb") as fh:
+                    fh.seek(offset)
+                    while chunk := fh.read(1 << 16):
+                        out.write(chunk)
+                        offset += len(chunk)
+                out.flush()
+                if not args.follow or ended:
+                    # A job's last lines are written before it is reported ended: nothing is missed.
+                    return EXIT_OK
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        engine.dispose()
+
+
+def _no_log(job: dict[str, Any], candidates: Sequence[Path], log_root: Path) -> int:
+    if job["state"] in ("pending", "queued") or (not job["log"] and job["state"] in ("expired", "dropped")):
+        print(f"p3s: job {job['id']} is {job['state']}: it never ran, so it has no log", file=sys.stderr)
+        return EXIT_FAILURE
+    tried = ", ".join(safe(str(c)) for c in candidates)
+    print(
+        f"p3s: job {job['id']}: its log is not reachable from this host (tried {tried}); "
+        f"read it on the pilot's host {safe(job['host'] or '?')}, or set log_root (now {safe(str(log_root))}) "
+        "to where the pilots' log root is mounted here",
+        file=sys.stderr,
+    )
+    return EXIT_FAILURE
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from p3s.dispatcher.audit import run_audit
 
@@ -269,13 +359,11 @@ def _purge_line(counts: Any) -> str:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from p3s import db
     from p3s.dispatcher.purge import parse_duration, purge
 
     settings = settings_of(args)
     cutoff = time.time() - parse_duration(args.older_than)
-    db.upgrade(settings.database_url)
-    engine = db.make_engine(settings.database_url)
+    engine = engine_of(args, edits=True)
     tty = sys.stderr.isatty()
 
     def progress(counts: Any) -> None:
@@ -314,25 +402,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = settings_of(args)
     with session_of(args) as s:
-        data = status.collect(s, settings, watcher_metrics=args.watcher_metrics)
+        data = status.collect(s, settings)
     print(json.dumps(data, indent=2) if args.json else status.render(data))
+    if data.get("broker_unreachable"):
+        # The picture above is the database's half; the exit code says the other half is missing.
+        print(f"p3s: {data['queues_note']}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     return EXIT_OK
 
 
 def cmd_top(args: argparse.Namespace) -> int:
     from sqlalchemy.orm import Session
 
-    from p3s import db
     from p3s.dispatcher import status
 
     settings = settings_of(args)
-    db.upgrade(settings.database_url)
-    engine = db.make_engine(settings.database_url)
+    engine = engine_of(args)
     shown = 0
     try:
         while True:
             with Session(engine) as s:
-                text = status.render(status.collect(s, settings, watcher_metrics=args.watcher_metrics))
+                text = status.render(status.collect(s, settings))
             # Home the cursor and clear the screen, then draw the whole picture at once.
             sys.stdout.write(f"\x1b[H\x1b[2J{text}\n\n(every {args.interval:g}s; Ctrl-C to quit)\n")
             sys.stdout.flush()
@@ -356,6 +446,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if settings.broker.embedded:
         print("p3s submit needs a broker shared with a dispatcher: set P3S_BROKER_URL", file=sys.stderr)
         return EXIT_USAGE
+    if args.template:
+        from p3s.dispatcher import admin
+
+        # Checked here: the dispatcher would record the file and make no workflow, silently.
+        with session_of(args) as s:
+            admin.find_active_template(s, args.template)
     events = []
     for raw in args.paths:
         if raw.startswith(("root://", "xroot://")):
@@ -425,6 +521,8 @@ def _run_group(group: Any, reload_settings: Callable[[], Any] | None, until: Cal
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from p3s import metrics
     from p3s.app import build_group
     from p3s.config import load_settings
@@ -435,9 +533,63 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info(
             "embedded mode: in-process broker (no priorities, no TTL, one process), SQLite at %s", settings.database_url
         )
+    if args.pilots:
+        settings = dataclasses.replace(
+            settings, pilot=dataclasses.replace(settings.pilot, queues=_run_queues(args, settings))
+        )
     metrics.serve(settings.metrics)
     group = build_group(settings, sources, args.pilots, reload_settings=lambda: load_settings(args.config))
-    return _run_group(group, reload_settings=lambda: load_settings(args.config))
+    try:
+        return _run_group(group, reload_settings=lambda: load_settings(args.config))
+    finally:
+        _record_pilots_stopped(group)
+
+
+def _run_queues(args: argparse.Namespace, settings: Any) -> tuple[str, ...]:
+    """The pilots' queues: --queues, or every queue the active templates use (and the configured ones)."""
+    if args.queues is not None:
+        queues = tuple(dict.fromkeys(q.strip() for q in args.queues.split(",") if q.strip()))
+        if not queues:
+            raise ConfigError("--queues: name at least one queue")
+        return queues
+    from sqlalchemy.orm import Session
+
+    from p3s import db
+    from p3s.app import wait_for_database
+    from p3s.dispatcher import admin
+
+    # The dispatcher brings the schema up to date anyway, a moment later.
+    wait_for_database(settings.database_url)
+    engine = db.make_engine(settings.database_url)
+    try:
+        with Session(engine) as s:
+            used = admin.template_queues(s)
+    finally:
+        engine.dispose()
+    queues = tuple(sorted(set(settings.pilot.queues) | set(used)))
+    log.info("run: pilots serve queue(s) %s", ", ".join(queues))
+    return queues
+
+
+def _record_pilots_stopped(group: Any) -> None:
+    """Pilots that stopped with the process are recorded ``stopped``.
+
+    Their goodbyes may never be read: the dispatcher of the same process
+    stops with them, and the embedded broker's queues die with the process.
+    """
+    if not group.pilots or group.dispatcher is None:
+        return
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.orm import Session
+
+    from p3s.dispatcher import admin
+
+    ids = [p.id for p in group.pilots]
+    try:
+        with Session(group.dispatcher.engine) as s, s.begin():
+            admin.mark_pilots_stopped(s, ids, time.time())
+    except SQLAlchemyError as exc:
+        log.warning("run: could not record %d pilot(s) stopped: %s", len(ids), exc)
 
 
 def cmd_dispatcher(args: argparse.Namespace) -> int:
@@ -511,42 +663,68 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _listing(
-    sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str, state: bool = False
+    sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str, states: Sequence[str] = ()
 ) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help)
+    p = sub.add_parser(name, help=help, description=help)
     p.add_argument("--json", action="store_true", help="a JSON list of objects instead of a table")
     p.add_argument("--limit", type=int, default=100, help="newest N rows (default 100)")
-    if state:
-        p.add_argument("--state", help="only rows in this state")
+    if states:
+        p.add_argument("--state", choices=list(states), metavar="STATE", help=f"only rows in this state: {', '.join(states)}")
     p.set_defaults(func=func)
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage is one --help away)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    # Wide enough that every command's description stays on its one line.
+    return argparse.HelpFormatter(prog, max_help_position=16, width=max(100, _columns()))
+
+
+def _columns() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((100, 24)).columns
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p3s", description="Prompt processing for detector data quality monitoring.")
+    from p3s.states import JobState, WorkflowState
+
+    parser = _Parser(
+        prog="p3s", description="Prompt processing for detector data quality monitoring.", formatter_class=_formatter
+    )
     parser.add_argument("--version", action="version", version=f"p3s {__version__}")
     parser.add_argument("--config", "-c", default=None, help="TOML settings file (default: $P3S_CONFIG)")
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default from settings)")
+    parser.add_argument("--log-level", type=_log_level, default=None, metavar="LEVEL",
+                        help="DEBUG, INFO, WARNING or ERROR (default: log_level from settings)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("config", help="show the effective settings").add_subparsers(dest="what", required=True)
-    show = p.add_parser("show", help="print every setting, passwords masked")
+    p = sub.add_parser("config", help="config show: print the effective settings as TOML, passwords masked")
+    p = p.add_subparsers(dest="what", required=True, metavar="ACTION")
+    show = p.add_parser("show", help="print every setting as a TOML file that loads back, passwords masked")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_config_show)
 
-    p = sub.add_parser("db", help="database schema").add_subparsers(dest="what", required=True)
+    p = sub.add_parser("db", help="db upgrade: create or upgrade the database schema (the only command that does)")
+    p = p.add_subparsers(dest="what", required=True, metavar="ACTION")
     up = p.add_parser("upgrade", help="create or upgrade the schema (Alembic)")
     up.add_argument("revision", nargs="?", default="head")
     up.set_defaults(func=cmd_db_upgrade)
 
-    dag = sub.add_parser("dag", help="DAG templates").add_subparsers(dest="what", required=True)
-    q = dag.add_parser("import", help="import a GraphML template (a new version if the name exists)")
-    q.add_argument("file")
+    dag = sub.add_parser("dag", help="dag import|list|show|export|delete: the DAG templates")
+    dag = dag.add_subparsers(dest="what", required=True, metavar="ACTION")
+    q = dag.add_parser("import", help="import GraphML templates (a new version of a name only if its content changed)")
+    q.add_argument("files", nargs="+", metavar="FILE")
     q.add_argument("--name", help="template name (default: the graph's name attribute)")
     q.set_defaults(func=cmd_dag_import)
     q = dag.add_parser("list", help="list templates")
     q.add_argument("--json", action="store_true")
-    q.add_argument("--all", action="store_true", help="include old versions and deleted templates")
+    q.add_argument("--all", action="store_true", help="include superseded versions and deleted templates")
     q.set_defaults(func=cmd_dag_list)
     for name, func, help in (
         ("export", cmd_dag_export, "print a template as GraphML"),
@@ -562,7 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q.set_defaults(func=cmd_dag_delete)
 
-    pr = sub.add_parser("priority", help="stage priorities").add_subparsers(dest="what", required=True)
+    pr = sub.add_parser("priority", help="priority set|list: stage priorities for tasks enqueued from now on")
+    pr = pr.add_subparsers(dest="what", required=True, metavar="ACTION")
     q = pr.add_parser("set", help="set a stage's priority for tasks enqueued from now on")
     q.add_argument("template")
     q.add_argument("node")
@@ -572,11 +751,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_priority_list)
 
-    _listing(sub, "files", cmd_files, "files seen and the decision for each")
-    _listing(sub, "workflows", cmd_workflows, "workflows", state=True)
-    jobs = _listing(sub, "jobs", cmd_jobs, "jobs", state=True)
+    _listing(sub, "files", cmd_files, "the files seen, newest first, and the decision taken for each")
+    _listing(sub, "workflows", cmd_workflows, "workflows, newest first", [s.value for s in WorkflowState])
+    jobs = _listing(sub, "jobs", cmd_jobs, "jobs, newest first, with the reason of each ending", [s.value for s in JobState])
     jobs.add_argument("--workflow", type=int, default=None, help="only the jobs of this workflow")
-    _listing(sub, "pilots", cmd_pilots, "pilots")
+    _listing(sub, "pilots", cmd_pilots, "pilots: state, queues and the job each is running")
+
+    q = sub.add_parser("logs", help="print a job's log (--follow: and what it adds, until the job ends)")
+    q.add_argument("job", type=int, metavar="JOB", help="job id (from p3s jobs)")
+    q.add_argument("--follow", "-f", action="store_true", help="keep printing what is added until the job ends")
+    q.add_argument("--interval", type=float, default=0.5, metavar="S", help=argparse.SUPPRESS)
+    q.set_defaults(func=cmd_logs)
 
     q = sub.add_parser("audit", help="prove every file and job is accounted for; exit 1 if not")
     q.add_argument("--json", action="store_true")
@@ -591,14 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_purge)
 
     for name, func, help in (
-        ("status", cmd_status, "queues, pilots, the last hour's outcomes and latencies, sources"),
+        ("status", cmd_status, "queues and their consumers, pilots, the last hour's outcomes and latencies, sources"),
         ("top", cmd_top, "p3s status, redrawn until Ctrl-C"),
     ):
         q = sub.add_parser(name, help=help)
-        q.add_argument(
-            "--watcher-metrics", default=None, metavar="URL",
-            help="the watcher's /metrics URL, to show the active source (default: from [metrics])",
-        )
         if name == "status":
             q.add_argument("--json", action="store_true", help="one JSON object instead of text")
         else:
@@ -606,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--iterations", "-n", type=int, default=0, metavar="N", help="stop after N redraws")
         q.set_defaults(func=func)
 
-    q = sub.add_parser("submit", help="publish data events for existing files")
+    q = sub.add_parser("submit", help="publish data events for existing files, by hand")
     q.add_argument("paths", nargs="+")
     q.add_argument("--template", help="use this template only, whatever its trigger")
     q.add_argument("--force", action="store_true", help="bypass sampling and de-duplication")
@@ -621,6 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("run", help="watcher, dispatcher and pilots in one process")
     watch_options(q)
     q.add_argument("--pilots", type=int, default=2, help="pilots to run in-process (0: they run elsewhere)")
+    q.add_argument("--queues", default=None,
+                   help="comma-separated task queues of the pilots (default: every queue the templates use)")
     q.set_defaults(func=cmd_run)
 
     q = sub.add_parser("demo", help="a self-contained demonstration on the embedded default")
@@ -629,12 +812,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep", action="store_true", help="keep the temporary directory")
     q.set_defaults(func=cmd_demo)
 
-    q = sub.add_parser("dispatcher", help="run the dispatcher")
+    q = sub.add_parser("dispatcher", help="run the dispatcher daemon")
     q.set_defaults(func=cmd_dispatcher)
-    q = sub.add_parser("watcher", help="run the watcher")
+    q = sub.add_parser("watcher", help="run the watcher daemon")
     watch_options(q)
     q.set_defaults(func=cmd_watcher)
-    q = sub.add_parser("pilot", help="run a pilot")
+    q = sub.add_parser("pilot", help="run a pilot daemon")
     q.add_argument("--queues", default=None, help="comma-separated task queues (default from settings)")
     q.add_argument("--max-jobs", type=int, default=None, help="stop after N tasks")
     q.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS", help="stop after idling this long")
@@ -645,7 +828,34 @@ def build_parser() -> argparse.ArgumentParser:
     from p3s.cli_control import add_commands  # cancel; pilots stop|drain
 
     add_commands(sub)
+    _everywhere(parser)
     return parser
+
+
+def _log_level(text: str) -> str:
+    """An argparse type: a logging level name, in any case."""
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log level: one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
+def _everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept --config and --log-level after any subcommand too (``p3s run --config FILE``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                # SUPPRESS: a subcommand that does not see the option leaves the main parser's value.
+                sub.add_argument("--config", "-c", default=argparse.SUPPRESS, help="TOML settings file")
+                sub.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, metavar="LEVEL",
+                                 help="DEBUG, INFO, WARNING or ERROR")
+                _everywhere(sub)
+
+
+class _NoHostnameFilter(logging.Filter):
+    """kombu warns that the in-process transport has no host name each time it clones a connection."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No hostname was supplied")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -653,10 +863,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = args.log_level or os.environ.get("P3S_LOG_LEVEL") or "INFO"
+    # Until the settings are read (their log_level), the environment's word, if it is a level.
+    env_level = (os.environ.get("P3S_LOG_LEVEL") or "").upper()
+    level = args.log_level or (env_level if env_level in LOG_LEVELS else "INFO")
+    if args.command == "demo" and not args.log_level:
+        level = "WARNING"  # the demo prints its own progress; INFO lines would drown it
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s[%(threadName)s]: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
+    handler.addFilter(_NoHostnameFilter())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # Alembic narrates every step at INFO; an operator wants only its warnings.
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:

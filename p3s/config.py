@@ -10,8 +10,12 @@ Nothing is read at import time.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import logging
+import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -24,6 +28,28 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from p3s.errors import ConfigError
 
 EMBEDDED_BROKER_URL = "memory://"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# kombu transports p3s speaks: RabbitMQ (AMQP 0-9-1, plain or TLS) and the in-process one.
+BROKER_SCHEMES = ("amqp", "amqps", "pyamqp", "memory")
+# P3S_* variables that are not settings: the config file's name, and what a pilot
+# gives its payloads (a payload may run p3s commands itself).
+NOT_SETTINGS_ENV = frozenset(
+    {
+        "P3S_CONFIG",
+        "P3S_INPUT",
+        "P3S_INPUT_NAME",
+        "P3S_JOB_ID",
+        "P3S_WORKDIR",
+        "P3S_WORKFLOW_ID",
+        "P3S_OUTDIR",
+        "P3S_PARENT_OUTDIRS",
+        "P3S_NODE",
+        "P3S_TEMPLATE",
+        "P3S_DEADLINE",
+    }
+)
+
+log = logging.getLogger(__name__)
 
 
 def mask_url(url: str) -> str:
@@ -336,6 +362,34 @@ def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+def setting_variables() -> frozenset[str]:
+    """Every ``P3S_*`` environment variable that sets a setting."""
+    names = set()
+    hints = typing.get_type_hints(Settings)
+    for f in dataclasses.fields(Settings):
+        if f.name == "source_file":
+            continue
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            names.update(f"P3S_{f.name}_{sub.name}".upper() for sub in dataclasses.fields(hint))
+        else:
+            names.add(f"P3S_{f.name}".upper())
+    return frozenset(names)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``P3S_*`` variables in ``environ`` that p3s does not read, each with the nearest it does."""
+    known = setting_variables()
+    out = []
+    for name in sorted(environ):
+        # P3S_TEST_* belong to the test suite, not to p3s.
+        if not name.startswith("P3S_") or name in known or name in NOT_SETTINGS_ENV or name.startswith("P3S_TEST_"):
+            continue
+        near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        out.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    return out
+
+
 def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """Turn ``P3S_SECTION_KEY`` variables into a nested dict shaped like the TOML file."""
     out: dict[str, Any] = {}
@@ -379,10 +433,22 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
     settings = _build(Settings, data, "")
     settings = dataclasses.replace(settings, source_file=str(path or ""))
     _validate(settings)
+    settings = dataclasses.replace(settings, log_level=settings.log_level.upper())
+    for name in unknown_variables(environ):
+        log.warning("config: environment variable %s is not a p3s setting; ignored", name)
     return settings
 
 
 def _validate(s: Settings) -> None:
+    if s.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {s.log_level!r}")
+    if not s.broker.embedded:
+        scheme = s.broker.url.split("://", 1)[0].lower() if "://" in s.broker.url else ""
+        if scheme not in BROKER_SCHEMES:
+            raise ConfigError(
+                f"broker.url: {mask_url(s.broker.url)!r} is not a broker URL p3s can use: it must start with "
+                "amqp:// or amqps:// (RabbitMQ), or be empty for the embedded broker"
+            )
     for stream, fraction in s.sampling.items():
         if not 0.0 <= fraction <= 1.0:
             raise ConfigError(f"sampling.{stream}: fraction must be between 0 and 1, got {fraction}")
@@ -401,3 +467,75 @@ def _validate(s: Settings) -> None:
     for key, limit in dataclasses.asdict(s.templates).items():
         if not limit > 0:
             raise ConfigError(f"templates.{key}: must be positive, got {limit}")
+
+
+# -- writing settings back as TOML ---------------------------------------------------------
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
+        return json.dumps(value).replace("\x7f", "\\u007f")
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(settings: Settings, masked: bool = True) -> str:
+    """The settings as a TOML file that ``load_settings`` reads back to the same settings.
+
+    Passwords written in a URL are masked unless ``masked`` is false (such a
+    file then loads with ``***`` as the password: keep passwords in
+    ``password_file``).  The effective values computed from the settings
+    (paths, URLs) follow as comments.
+    """
+    # Not to_dict: its effective URLs read the password files, which this file must not need.
+    data = _plain(dataclasses.asdict(dataclasses.replace(settings, sampling=dict(settings.sampling))))
+    if masked:
+        data["broker"]["url"] = mask_url(settings.broker.url)
+        data["database"]["url"] = mask_url(settings.database.url)
+    data.pop("source_file", None)
+    effective = {
+        "state_dir": str(settings.state_path),
+        "output_root": str(settings.output_path),
+        "log_root": str(settings.log_path),
+        "broker": "embedded (in-process)" if settings.broker.embedded else mask_url(settings.broker.url),
+    }
+    lines = [f"# p3s settings{' from ' + settings.source_file if settings.source_file else ''}", ""]
+    tables: list[tuple[str, Mapping[str, Any]]] = []
+    arrays: list[tuple[str, list[Mapping[str, Any]]]] = []
+    for key, value in data.items():
+        if key == "sources":
+            arrays.append((key, value))
+        elif isinstance(value, Mapping):
+            tables.append((key, value))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, table in tables:
+        lines += ["", f"[{_toml_key(key)}]"]
+        lines += [f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in table.items()]
+    for key, items in arrays:
+        for item in items:
+            lines += ["", f"[[{_toml_key(key)}]]"]
+            lines += [f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in item.items()]
+    lines += ["", "# effective values, computed from the settings above (not settings themselves):"]
+    lines += [f"#   {k} = {_toml_value(v)}" for k, v in effective.items()]
+    return "\n".join(lines) + "\n"

@@ -28,16 +28,19 @@ DEMO_TEMPLATE = """<?xml version="1.0" encoding="UTF-8"?>
   <key id="budget" for="graph" attr.name="budget_s" attr.type="double"/>
   <key id="command" for="node" attr.name="command" attr.type="string"/>
   <key id="wall" for="node" attr.name="wall_s" attr.type="double"/>
+  <key id="expected" for="node" attr.name="expected_s" attr.type="double"/>
   <graph id="demo" edgedefault="directed">
     <data key="trigger">run*.hdf5</data>
     <data key="budget">60</data>
     <node id="checksum">
       <data key="command">cp {input} {outdir}/copy.hdf5</data>
       <data key="wall">30</data>
+      <data key="expected">1</data>
     </node>
     <node id="summary">
       <data key="command">ls -l {parent_outdirs}</data>
       <data key="wall">30</data>
+      <data key="expected">1</data>
     </node>
     <edge source="checksum" target="summary"/>
   </graph>
@@ -68,7 +71,7 @@ def run_demo(files: int = 5, pilots: int = 2, keep: bool = False, timeout_s: flo
     group.start()
     assert group.watcher is not None
     group.watcher.ready.wait(10)
-    print(f"p3s demo in {root}: {pilots} pilot(s), embedded broker and SQLite")
+    print(f"p3s demo in {root}: {pilots} pilot(s), embedded broker and SQLite", flush=True)
     try:
         for i in range(files):
             # Half written in place, half written under a temporary name and renamed,
@@ -80,11 +83,17 @@ def run_demo(files: int = 5, pilots: int = 2, keep: bool = False, timeout_s: flo
                 tmp.rename(target)
             else:
                 target.write_bytes(os.urandom(4096))
+        print(f"wrote {files} file(s) to {incoming}; waiting for their workflows", flush=True)
         deadline = time.monotonic() + timeout_s
+        shown = (-1, -1)
         while time.monotonic() < deadline:
             with Session(engine) as s:
                 states = s.scalars(select(Workflow.state)).all()
-            if len(states) >= files and all(st != WorkflowState.RUNNING for st in states):
+            done = sum(st != WorkflowState.RUNNING for st in states)
+            if (len(states), done) != shown:
+                shown = (len(states), done)
+                print(f"  {len(states)} of {files} file(s) have a workflow, {done} ended", flush=True)
+            if len(states) >= files and done == len(states):
                 break
             time.sleep(0.2)
     finally:

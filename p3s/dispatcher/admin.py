@@ -6,15 +6,38 @@ same credentials as the dispatcher's; pilots and watchers never call them.
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from p3s.dagengine import Template
 from p3s.db import FileRecord, Job, Pilot, StagePriority, TemplateRecord, Workflow
 from p3s.errors import NotFound, TemplateError
+from p3s.states import PilotState
+
+if TYPE_CHECKING:
+    # dagengine brings networkx: the listings, which never need it, start faster without.
+    from p3s.dagengine import Template
+
+
+def _canonical(spec: Any) -> str:
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
+def import_template_if_changed(session: Session, tpl: Template) -> tuple[TemplateRecord, bool]:
+    """Store ``tpl`` as a new version unless the newest active version says exactly the same.
+
+    Returns the record (the new one, or the unchanged current one) and whether a version was made.
+    """
+    newest = session.scalars(
+        select(TemplateRecord).where(TemplateRecord.name == tpl.name).order_by(TemplateRecord.version.desc()).limit(1)
+    ).first()
+    if newest is not None and newest.deleted_at is None and _canonical(newest.spec) == _canonical(tpl.to_dict()):
+        return newest, False
+    return import_template(session, tpl), True
 
 
 def import_template(session: Session, tpl: Template) -> TemplateRecord:
@@ -76,7 +99,8 @@ def list_templates(session: Session, include_deleted: bool = False) -> list[dict
                 "id": r.id,
                 "name": r.name,
                 "version": r.version,
-                "state": "deleted" if r.deleted_at else "active",
+                # Workflows are made from the newest version only; older ones are history.
+                "state": "deleted" if r.deleted_at else ("superseded" if r.version != latest[r.name] else "active"),
                 "trigger": r.trigger,
                 "budget_s": r.budget_s,
                 "nodes": len(r.spec.get("nodes", [])),
@@ -85,8 +109,40 @@ def list_templates(session: Session, include_deleted: bool = False) -> list[dict
     return out
 
 
+def find_active_template(session: Session, name: str) -> TemplateRecord:
+    """The newest version of ``name`` if it is not deleted; NotFound naming the active templates if not."""
+    record = session.scalars(
+        select(TemplateRecord).where(TemplateRecord.name == name).order_by(TemplateRecord.version.desc()).limit(1)
+    ).first()
+    if record is None or record.deleted_at is not None:
+        names = [r["name"] for r in list_templates(session)]
+        why = "no template" if record is None else "only a deleted template"
+        raise NotFound(f"{why} named {name!r}; active templates: {', '.join(names) or 'none'}")
+    return record
+
+
+def template_queues(session: Session) -> dict[str, list[str]]:
+    """Every task queue the active templates' stages use, with the templates using each."""
+    queues: dict[str, list[str]] = {}
+    for r in session.scalars(
+        select(TemplateRecord).where(TemplateRecord.deleted_at.is_(None)).order_by(TemplateRecord.name)
+    ):
+        newest = session.scalar(select(func.max(TemplateRecord.version)).where(TemplateRecord.name == r.name))
+        if r.version != newest:
+            continue
+        for node in r.spec.get("nodes", []):
+            if node.get("noop"):
+                continue  # runs nothing, on no queue
+            users = queues.setdefault(str(node.get("queue") or "default"), [])
+            if r.name not in users:
+                users.append(r.name)
+    return queues
+
+
 def set_priority(session: Session, template: str, node: str, priority: int) -> None:
     """Give a stage a new priority for every task of it enqueued from now on."""
+    from p3s.dagengine import Template
+
     if not 0 <= priority <= 9:
         raise TemplateError(f"priority must be from 0 to 9, got {priority}")
     record = find_template(session, template)
@@ -102,6 +158,8 @@ def set_priority(session: Session, template: str, node: str, priority: int) -> N
 
 def list_priorities(session: Session) -> list[dict[str, Any]]:
     """Every stage of every active template with its effective priority."""
+    from p3s.dagengine import Template
+
     overrides = {(p.template, p.node): p for p in session.scalars(select(StagePriority))}
     out = []
     for entry in list_templates(session):
@@ -202,19 +260,74 @@ def list_jobs(
 
 
 def list_pilots(session: Session, limit: int = 100) -> list[dict[str, Any]]:
+    """Pilots, newest heard from first; a pilot's job is the one it reported running.
+
+    The running report of a job arrives the moment the pilot starts it, a
+    heartbeat only some seconds later: the job is shown from the first.
+    """
     rows = session.scalars(select(Pilot).order_by(Pilot.last_seen.desc()).limit(limit)).all()
-    return [
-        {
-            "id": p.id,
-            "host": p.host,
-            "pid": p.pid,
-            "queues": p.queues,
-            "state": p.state,
-            "job_id": p.job_id,
-            "jobs_done": p.jobs_done,
-            "started_at": p.started_at,
-            "last_seen": p.last_seen,
-            "problem": p.problem,
-        }
-        for p in rows
-    ]
+    ids = [p.id for p in rows]
+    running: dict[str, int] = {}
+    if ids:
+        for job_id, pilot_id in session.execute(
+            select(Job.id, Job.pilot_id).where(Job.state == "running", Job.pilot_id.in_(ids)).order_by(Job.id)
+        ):
+            running[pilot_id] = job_id
+    out = []
+    for p in rows:
+        live = p.state in (PilotState.IDLE, PilotState.BUSY)
+        job_id = running.get(p.id) if live else None
+        out.append(
+            {
+                "id": p.id,
+                "host": p.host,
+                "pid": p.pid,
+                "queues": p.queues,
+                "state": PilotState.BUSY.value if job_id is not None else p.state,
+                "job_id": job_id if job_id is not None else (p.job_id if live else None),
+                "jobs_done": p.jobs_done,
+                "started_at": p.started_at,
+                "last_seen": p.last_seen,
+                "problem": p.problem,
+            }
+        )
+    return out
+
+
+def mark_pilots_stopped(session: Session, pilot_ids: list[str], now: float) -> int:
+    """Record pilots known to have stopped (their process ended) as ``stopped``; how many changed."""
+    result = session.execute(
+        update(Pilot)
+        .where(Pilot.id.in_(pilot_ids), Pilot.state.not_in([PilotState.STOPPED, PilotState.LOST]))
+        .values(state=PilotState.STOPPED, job_id=None, last_seen=now)
+    )
+    return int(result.rowcount or 0)
+
+
+def job_log_info(session: Session, job_id: int) -> dict[str, Any]:
+    """What ``p3s logs`` needs of a job: its state, its recorded log path, its pilot's host."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    host = session.scalar(select(Pilot.host).where(Pilot.id == job.pilot_id)) if job.pilot_id else None
+    return {
+        "id": job.id,
+        "workflow_id": job.workflow_id,
+        "node": job.node,
+        "state": job.state,
+        "log": job.log,
+        "pilot_id": job.pilot_id,
+        "host": host or "",
+    }
+
+
+def log_candidates(job: dict[str, Any], log_root: Path) -> list[Path]:
+    """Where a job's log may be read from here: the path its pilot recorded, then the same file under
+    this host's ``log_root`` (the shared log root mounted elsewhere)."""
+    out: list[Path] = []
+    if job["log"]:
+        out.append(Path(job["log"]))
+    local = Path(log_root) / str(job["workflow_id"]) / f"{job['id']}-{job['node']}.log"
+    if local not in out:
+        out.append(local)
+    return out

@@ -1,19 +1,16 @@
 """``p3s status`` and ``p3s top``: the whole picture on one screen.
 
-The numbers come from the database (pilots, files, jobs, latencies), from the
-broker (task queue depths) and from the configuration (watcher sources).  The
-dispatcher cannot see the watcher, so which source is active is read from the
-watcher's ``p3s_watcher_source_active`` metric when it can be reached.
+The numbers come from the database (pilots, files, jobs, latencies, and what
+each watcher last reported of its sources) and from the broker (task queue
+depths and consumers).  A queue that an active template uses and that no
+pilot serves is called out: its tasks would wait until they expire.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,7 +19,7 @@ from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
 from p3s.config import Settings
-from p3s.db import FileRecord, Job, Pilot, TemplateRecord, Workflow
+from p3s.db import FileRecord, Job, Pilot, Workflow, WatcherSource
 from p3s.errors import BrokerUnavailable
 from p3s.states import WorkflowState
 from p3s.tables import safe
@@ -30,8 +27,8 @@ from p3s.tables import safe
 log = logging.getLogger(__name__)
 
 WINDOW_S = 3600.0
-METRICS_TIMEOUT_S = 0.5
-_ACTIVE_SAMPLE_RE = re.compile(r'^p3s_watcher_source_active\{[^}]*source="([^"]*)"[^}]*\}\s+(\S+)', re.MULTILINE)
+# A watcher reports its sources every 15 s (p3s/watcher/report.py): silent for this long, it is not believed.
+SOURCES_STALE_S = 60.0
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -46,10 +43,9 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 def task_queue_names(session: Session, settings: Settings) -> list[str]:
     """The queues of active templates' stages and the pilots' configured queues."""
-    names = set(settings.pilot.queues)
-    for spec in session.scalars(select(TemplateRecord.spec).where(TemplateRecord.deleted_at.is_(None))):
-        names.update(str(n.get("queue") or "default") for n in spec.get("nodes", []))
-    return sorted(names)
+    from p3s.dispatcher.admin import template_queues
+
+    return sorted(set(settings.pilot.queues) | set(template_queues(session)))
 
 
 def database_status(session: Session, now: float, window_s: float = WINDOW_S) -> dict[str, Any]:
@@ -111,67 +107,130 @@ def on_time_status(session: Session, since: float) -> list[dict[str, Any]]:
 
 
 def queue_status(settings: Settings, names: Iterable[str]) -> dict[str, Any]:
-    """Depth of each task queue, or a note saying why it cannot be known."""
+    """Depth and consumers of each task queue, or a note saying why they cannot be known."""
     names = list(names)
-    out: dict[str, Any] = {"note": "", "queues": [{"queue": n, "depth": None} for n in names]}
+    out: dict[str, Any] = {
+        "note": "",
+        "unreachable": False,
+        "queues": [{"queue": n, "depth": None, "consumers": None} for n in names],
+    }
     if settings.broker.embedded:
         out["note"] = "embedded broker: queue depths are visible only inside the process running it"
         return out
     from p3s import topology
-    from p3s.broker import connect, ensure_connected, queue_depth
+    from p3s.broker import connect, ensure_connected
 
     connection = connect(settings.broker, heartbeat=0)
     try:
         ensure_connected(connection, max_retries=0)
         for row in out["queues"]:
-            row["depth"] = queue_depth(connection, topology.task_queue(row["queue"]))
+            row["depth"], row["consumers"] = _queue_counts(connection, topology.task_queue(row["queue"]))
     except (BrokerUnavailable, kombu.exceptions.OperationalError) as exc:
         # broker.ensure_connected lets kombu's OperationalError (a refused
         # connection, re-raised by kombu) through; both mean the same here.
         out["note"] = f"broker unreachable: {exc}"
+        out["unreachable"] = True
         for row in out["queues"]:
-            row["depth"] = None
+            row["depth"] = row["consumers"] = None
     finally:
         connection.release()
     return out
 
 
-def _active_sources(url: str) -> dict[str, bool] | None:
-    """``p3s_watcher_source_active`` by source from a /metrics page, or None if it cannot be read."""
+def _queue_counts(connection: Any, queue: Any) -> tuple[int, int]:
+    """Messages ready in ``queue`` and consumers on it; (0, 0) if it does not exist.
+
+    On a channel of its own: a passive declare of a missing queue closes its channel.
+    """
+    from p3s.broker import CONNECTION_ERRORS
+
     try:
-        with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as response:  # noqa: S310 (an operator's URL)
-            text = response.read().decode("utf-8", "replace")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        log.debug("status: no watcher metrics at %s: %s", url, exc)
-        return None
-    return {m.group(1): float(m.group(2)) > 0 for m in _ACTIVE_SAMPLE_RE.finditer(text)}
+        channel = connection.channel()
+    except CONNECTION_ERRORS as exc:
+        raise BrokerUnavailable(f"cannot read {queue.name}: {exc}") from exc
+    try:
+        _name, depth, consumers = queue(channel).queue_declare(passive=True)
+    except kombu.exceptions.ChannelError:
+        return 0, 0
+    except CONNECTION_ERRORS as exc:
+        if "NOT_FOUND" in str(exc):
+            return 0, 0
+        raise BrokerUnavailable(f"cannot read {queue.name}: {exc}") from exc
+    finally:
+        try:
+            channel.close()
+        except CONNECTION_ERRORS:
+            log.debug("status: channel already closed")
+    return int(depth), int(consumers)
 
 
-def metrics_url(settings: Settings) -> str:
-    """Where a watcher on this host with these settings serves its metrics; empty if off."""
-    if not settings.metrics.port:
-        return ""
-    return f"http://{settings.metrics.address}:{settings.metrics.port}/metrics"
+def queue_warnings(
+    session: Session, queues: list[dict[str, Any]], used: dict[str, list[str]]
+) -> list[str]:
+    """Queues an active template uses that no pilot serves, each said in a line.
+
+    Pilots are counted from the broker's consumers where the broker answers,
+    else from the records of live pilots.
+    """
+    live: dict[str, int] = {}
+    for names, state in session.execute(select(Pilot.queues, Pilot.state)):
+        if state in ("stopped", "lost"):
+            continue
+        for name in (names or "").split(","):
+            if name:
+                live[name] = live.get(name, 0) + 1
+    out = []
+    for row in queues:
+        row["pilots"] = live.get(row["queue"], 0)
+        templates = used.get(row["queue"])
+        if not templates:
+            continue
+        served = row["consumers"] if row["consumers"] is not None else row["pilots"]
+        if not served:
+            out.append(
+                f"queue {row['queue']} is used by template(s) {', '.join(templates)} but no pilot serves it: "
+                f"its tasks wait until they expire (start pilots with --queues {row['queue']})"
+            )
+    return out
 
 
-def source_status(settings: Settings, watcher_metrics: str | None = None) -> list[dict[str, Any]]:
-    """The configured watcher sources, each ``active``, ``standby`` or just ``configured``."""
-    url = metrics_url(settings) if watcher_metrics is None else watcher_metrics
-    active = _active_sources(url) if url and settings.sources else None
+def source_status(session: Session, settings: Settings, now: float) -> list[dict[str, Any]]:
+    """Each source as its watcher last reported it (active or standby, healthy or not, or silent),
+    then the configured sources no watcher reported."""
     rows = []
+    reported = set()
+    for r in session.scalars(select(WatcherSource).order_by(WatcherSource.host, WatcherSource.name)):
+        reported.add(r.name)
+        age = max(0.0, now - r.reported_at)
+        if age > SOURCES_STALE_S:
+            state = f"silent for {age:.0f}s (was {'active' if r.active else 'standby'})"
+        else:
+            state = ("active" if r.active else "standby") + ("" if r.healthy else ", unhealthy")
+        rows.append(
+            {
+                "name": r.name,
+                "kind": r.kind,
+                "location": r.location,
+                "stream": r.stream,
+                "fallback_for": r.fallback_for,
+                "state": state,
+                "host": r.host,
+                "reported_s_ago": age,
+            }
+        )
     for src in settings.sources:
-        state = "configured"
-        if active is not None and src.name in active:
-            state = "active" if active[src.name] else "standby"
+        if src.name in reported:
+            continue
         rows.append(
             {
                 "name": src.name,
                 "kind": src.kind,
                 "location": src.location,
                 "stream": src.stream,
-                # Fallback sources are newer than some configurations.
-                "fallback_for": getattr(src, "fallback_for", "") or "",
-                "state": state,
+                "fallback_for": src.fallback_for,
+                "state": "configured, no watcher reports it",
+                "host": None,
+                "reported_s_ago": None,
             }
         )
     return rows
@@ -180,16 +239,24 @@ def source_status(settings: Settings, watcher_metrics: str | None = None) -> lis
 def collect(
     session: Session, settings: Settings, now: float | None = None, watcher_metrics: str | None = None
 ) -> dict[str, Any]:
-    """Everything ``p3s status`` shows, as one JSON-able object."""
+    """Everything ``p3s status`` shows, as one JSON-able object.
+
+    ``watcher_metrics`` is ignored: the sources come from what the watchers report.
+    """
+    from p3s.dispatcher.admin import template_queues
+
     now = time.time() if now is None else now
     data = database_status(session, now)
-    queues = queue_status(settings, task_queue_names(session, settings))
+    used = template_queues(session)
+    queues = queue_status(settings, sorted(set(settings.pilot.queues) | set(used)))
     return {
         "at": now,
         "queues": queues["queues"],
         "queues_note": queues["note"],
+        "broker_unreachable": queues["unreachable"],
+        "warnings": queue_warnings(session, queues["queues"], used),
         **{k: data[k] for k in ("pilots", "files", "jobs", "latency", "on_time", "window_s")},
-        "sources": source_status(settings, watcher_metrics),
+        "sources": source_status(session, settings, now),
     }
 
 
@@ -222,9 +289,10 @@ def render(status: dict[str, Any]) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(status["at"]))
     minutes = status["window_s"] / 60
     lines = [f"p3s status at {when} UTC", "", "task queues:"]
-    lines += _table(status["queues"], ["queue", "depth"])
+    lines += _table(status["queues"], ["queue", "depth", "consumers", "pilots"])
     if status["queues_note"]:
         lines.append(f"  ({status['queues_note']})")
+    lines += [f"  WARNING: {w}" for w in status.get("warnings", [])]
     lines += ["", f"pilots: {_counts(status['pilots'])}"]
     lines += [f"files, last {minutes:g} min: {_counts(status['files'])}"]
     lines += [f"jobs, last {minutes:g} min: {_counts(status['jobs'])}"]
@@ -236,7 +304,7 @@ def render(status: dict[str, Any]) -> str:
     lines += _table(shares, ["template", "ended", "on_time", "share"]) if shares else ["  none"]
     lines += ["", "watcher sources:"]
     if status["sources"]:
-        lines += _table(status["sources"], ["name", "kind", "stream", "fallback_for", "state", "location"])
+        lines += _table(status["sources"], ["name", "kind", "stream", "fallback_for", "state", "host", "location"])
     else:
-        lines.append("  none configured")
+        lines.append("  none reported or configured")
     return "\n".join(lines)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,41 +258,29 @@ def test_status_counts_and_latency(settings: Settings, engine: Engine) -> None:
     assert all(q["depth"] is None for q in data["queues"])
     assert "embedded" in data["queues_note"]
     assert [(r["name"], r["kind"], r["state"]) for r in data["sources"]] == [
-        ("eos", "poll", "configured"), ("buffer", "inotify", "configured")]
+        ("eos", "poll", "configured, no watcher reports it"), ("buffer", "inotify", "configured, no watcher reports it")]
     json.dumps(data)  # one JSON-able object
     text = status.render(data)
     for needle in ("fast", "busy 2", "shed 1", "eos", "configured", "5.500", "9.550"):
         assert needle in text, needle
 
 
-def test_status_reads_active_source_from_watcher_metrics(settings: Settings) -> None:
-    page = (b'# TYPE p3s_watcher_source_active gauge\n'
-            b'p3s_watcher_source_active{source="eos"} 0.0\n'
-            b'p3s_watcher_source_active{source="buffer"} 1.0\n')
+def test_status_shows_the_sources_as_the_watchers_report_them(settings: Settings, engine: Engine) -> None:
+    from p3s.db import WatcherSource
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        settings = dataclasses.replace(settings, sources=(
-            SourceSettings(name="eos", kind="poll"), SourceSettings(name="buffer"), SourceSettings(name="other")))
-        rows = status.source_status(settings, f"http://127.0.0.1:{server.server_port}/metrics")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with Session(engine) as s, s.begin():
+        for name, active, healthy, at in (("eos", False, False, NOW - 5), ("buffer", True, True, NOW - 5),
+                                          ("old", True, True, NOW - 600)):
+            s.add(WatcherSource(host="daq1", name=name, watcher_id="daq1-7", kind="poll", location=f"/{name}",
+                                stream="raw", fallback_for="", active=active, healthy=healthy, sent_at=at,
+                                reported_at=at))
+    settings = dataclasses.replace(settings, sources=(
+        SourceSettings(name="eos", kind="poll"), SourceSettings(name="other")))
+    with Session(engine) as s:
+        rows = status.source_status(s, settings, NOW)
     states = [(r["name"], r["state"]) for r in rows]
-    assert states == [("eos", "standby"), ("buffer", "active"), ("other", "configured")]
-    # Nothing listening: configured, without an error.
-    assert [r["state"] for r in status.source_status(settings, "http://127.0.0.1:9/metrics")] == ["configured"] * 3
+    assert states == [("buffer", "active"), ("eos", "standby, unhealthy"), ("old", "silent for 600s (was active)"),
+                      ("other", "configured, no watcher reports it")]
 
 
 def test_status_without_broker_says_so(settings: Settings, engine: Engine) -> None:
@@ -302,8 +288,9 @@ def test_status_without_broker_says_so(settings: Settings, engine: Engine) -> No
                                                                         url="amqp://guest:guest@127.0.0.1:1//"))
     with Session(engine) as s:
         data = status.collect(s, settings, now=NOW)
-    assert data["queues"] == [{"queue": "default", "depth": None}]
+    assert data["queues"] == [{"queue": "default", "depth": None, "consumers": None, "pilots": 0}]
     assert data["queues_note"].startswith("broker unreachable")
+    assert data["broker_unreachable"]
 
 
 def run_p3s(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
