@@ -168,15 +168,10 @@ class Containment:
 
     def attach(self, proc: subprocess.Popen[bytes]) -> None:
         """Note the payload just started, and make sure it is in the cgroup."""
-        pid = self.root = proc.pid
+        self.root = proc.pid
         self._proc = proc
-        if self.cgroup is None:
-            return
-        try:
-            (self.cgroup / "cgroup.procs").write_text(str(pid))
-        except OSError as exc:
-            log.debug("job %s: payload %d not moved into %s: %s", self._job_id, pid, self.cgroup, exc)
-            self._drop_cgroup()
+        # Not moved into the cgroup from here: the prefix did it before exec, and a
+        # write to cgroup.procs costs milliseconds that every start would pay.
 
     def members(self) -> set[int]:
         """Every live process of the payload but its first (the caller's Popen waits for that one).
@@ -223,11 +218,13 @@ class Containment:
 
     def signal(self, sig: int) -> int:
         """Send ``sig`` to every process of the payload but its first; how many were signalled."""
-        if sig == signal.SIGKILL and self.cgroup is not None:
+        members = self.members()
+        if members and sig == signal.SIGKILL and self.cgroup is not None:
+            # Only when something is left: the write costs milliseconds, and most jobs leave nothing.
             with contextlib.suppress(OSError):
                 (self.cgroup / "cgroup.kill").write_text("1")  # Linux 5.14+; the loop below does the rest
         sent = 0
-        for pid in self.members():
+        for pid in members:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
