@@ -125,7 +125,34 @@ def cmd_dag_import(args: argparse.Namespace) -> int:
     from p3s.errors import TemplateError
 
     limits = TemplateLimits(**dataclasses.asdict(settings_of(args).templates))
+    legacy_only = [opt for opt, value in (("--trigger", args.trigger), ("--budget", args.budget),
+                                          ("--dry-run", args.dry_run or None)) if value is not None]
     templates = []
+    if args.legacy is not None:
+        from p3s.dagengine.legacy import convert
+
+        if args.files or not args.name or args.trigger is None or args.budget is None:
+            raise TemplateError("--legacy FILE takes no other file and needs --name, --trigger and --budget")
+        try:
+            with open(args.legacy, "rb") as fh:
+                data = fh.read(limits.max_bytes + 1)
+        except OSError as exc:
+            raise TemplateError(f"cannot read template file {args.legacy}: {exc.strerror}") from None
+        try:
+            conversion = convert(data, args.name, args.trigger, args.budget, limits)
+        except TemplateError as exc:
+            raise TemplateError(f"{args.legacy}: {exc}") from None
+        if args.dry_run:
+            sys.stdout.write(conversion.graphml())
+        for note in conversion.notes:
+            print(f"note: {note}", file=sys.stderr)
+        if args.dry_run:
+            return EXIT_OK
+        templates.append(conversion.template)
+    elif legacy_only:
+        raise TemplateError(f"{', '.join(legacy_only)}: only with --legacy FILE")
+    elif not args.files:
+        raise TemplateError("give a template file to import (or --legacy FILE)")
     if args.name and len(args.files) > 1:
         raise TemplateError("--name names one template: give one file with it")
     # Every file is read and checked before anything is stored: all of them or none.
@@ -719,8 +746,14 @@ def build_parser() -> argparse.ArgumentParser:
     dag = sub.add_parser("dag", help="dag import|list|show|export|delete: the DAG templates")
     dag = dag.add_subparsers(dest="what", required=True, metavar="ACTION")
     q = dag.add_parser("import", help="import GraphML templates (a new version of a name only if its content changed)")
-    q.add_argument("files", nargs="+", metavar="FILE")
+    q.add_argument("files", nargs="*", metavar="FILE")
     q.add_argument("--name", help="template name (default: the graph's name attribute)")
+    q.add_argument("--legacy", metavar="FILE", default=None,
+                   help="convert a template of the older system (needs --name, --trigger, --budget)")
+    q.add_argument("--trigger", metavar="GLOB", default=None, help="with --legacy: the glob of file names")
+    q.add_argument("--budget", metavar="SECONDS", type=float, default=None, help="with --legacy: the latency budget")
+    q.add_argument("--dry-run", action="store_true",
+                   help="with --legacy: print the converted GraphML and the notes; import nothing")
     q.set_defaults(func=cmd_dag_import)
     q = dag.add_parser("list", help="list templates")
     q.add_argument("--json", action="store_true")
