@@ -414,7 +414,7 @@ SOURCE_KIND_MAX = 16
 class SourcesReport:
     """A watcher's sources and which of them it reads now, sent every little while.
 
-    Published on ``p3s.status`` with routing key ``watcher.sources``; the
+    Published on ``p3s.events`` with routing key ``watcher.sources`` (a watcher may write there only); the
     dispatcher keeps the newest report of each source, so ``p3s status`` shows
     what the watcher itself says.  Each source is a dict: ``name``, ``kind``,
     ``location``, ``stream``, ``fallback_for``, ``active`` (it publishes

@@ -56,10 +56,18 @@ invalid_queue = Queue(
 )
 
 DISPATCHER_QUEUES = (events_queue, status_queue, expired_queue)
+# Bindings besides each queue's own: (exchange, queue, routing key).
+EXTRA_BINDINGS = ((events_exchange, status_queue, "watcher.sources"),)
 
 
 def event_routing_key(stream: str) -> str:
     return f"file.{stream}"
+
+
+# A watcher's report of its sources goes out on p3s.events (the only exchange a
+# least-privilege watcher may write) and reaches the dispatcher's status queue
+# through a binding of its own; the events queue takes file.# only.
+WATCHER_REPORT_KEY = EXTRA_BINDINGS[0][2]
 
 
 def status_routing_key(kind: str, what: str) -> str:
@@ -107,6 +115,12 @@ def declare(connection: Connection, queues: Iterable[Queue] = (), exchanges: Ite
 
 def declare_all(connection: Connection, task_queue_names: Iterable[str], max_length: int = 0) -> None:
     """Declare the whole topology: what the dispatcher and ``p3s run`` use."""
+    _declare_all(connection, task_queue_names, max_length)
+    for exchange, queue, key in EXTRA_BINDINGS:
+        queue(connection.default_channel).bind_to(exchange, routing_key=key)
+
+
+def _declare_all(connection: Connection, task_queue_names: Iterable[str], max_length: int) -> None:
     declare(
         connection,
         queues=[*DISPATCHER_QUEUES, invalid_queue, *(task_queue(n, max_length) for n in task_queue_names)],

@@ -246,12 +246,20 @@ class Dispatcher(broker.ReconnectingConsumer):
     def _on_status(self, message: Message) -> None:
         # A watcher's sources report comes from a watcher's account, not a pilot's.
         info = getattr(message, "delivery_info", None) or {}
-        watcher = info.get("routing_key") == topology.status_routing_key("watcher", "sources")
+        watcher = info.get("exchange") == topology.events_exchange.name
         allowed = self.settings.dispatcher.event_users if watcher else self.settings.dispatcher.report_users
         if not self._from_account(message, topology.status_queue.name, allowed, "status report"):
             return
-        self._take(message, topology.status_queue.name,
-                   lambda: self._status.append(Item(message, parse_status(message.body))))
+
+        def parse() -> None:
+            report = parse_status(message.body)
+            if isinstance(report, SourcesReport) != watcher:
+                # Each account speaks on its own exchange: a sources report only from a
+                # watcher's (p3s.events), pilots' reports only on p3s.status.
+                raise InvalidMessage(f"a {type(report).__name__} arrived through exchange {info.get('exchange')!r}")
+            self._status.append(Item(message, report))
+
+        self._take(message, topology.status_queue.name, parse)
 
     def _on_expired(self, message: Message) -> None:
         self._take(message, topology.expired_queue.name,

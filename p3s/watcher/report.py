@@ -37,7 +37,7 @@ class SourcesReporter:
         self.host = socket.gethostname()
         self.watcher_id = f"{self.host}-{os.getpid()}"[:64]
         self.interval_s = interval_s
-        self._publisher = Publisher(settings.broker, exchanges=[topology.status_exchange])
+        self._publisher = Publisher(settings.broker, exchanges=[topology.events_exchange])
         self._due = 0.0
         self._last: tuple[Any, ...] | None = None
         self.refused = False
@@ -66,7 +66,7 @@ class SourcesReporter:
         report = SourcesReport(watcher_id=self.watcher_id, host=self.host, sources=sources)
         try:
             self._publisher.publish(
-                [Outgoing(topology.status_exchange, topology.status_routing_key("watcher", "sources"), encode(report))]
+                [Outgoing(topology.events_exchange, topology.WATCHER_REPORT_KEY, encode(report))]
             )
         except BrokerUnavailable as exc:
             if "ACCESS_REFUSED" in str(exc):

@@ -358,6 +358,32 @@ def test_real_watcher_publisher_under_the_watcher_user(loaded: Loaded) -> None:
         assert got is not None and DataEvent.parse(got.body) == event
 
 
+def test_watcher_sources_report_reaches_the_dispatcher_under_the_watcher_user(loaded: Loaded) -> None:
+    """The watcher may write p3s.events only: its sources report goes there and is bound to the status queue."""
+    from p3s.config import SourceSettings
+    from p3s.messages import SourcesReport, parse_status
+    from p3s.watcher.report import SourcesReporter
+
+    settings = load_settings(None, {"P3S_BROKER_URL": loaded.urls["watcher"], "P3S_BROKER_DECLARE_TOPOLOGY": "false"})
+
+    class Slot:
+        settings = SourceSettings(name="buffer", location="/data/buffer")
+        active = True
+        healthy = True
+
+    reporter = SourcesReporter(settings)
+    try:
+        assert reporter.maybe_send([Slot()]) and not reporter.refused
+    finally:
+        reporter.close()
+    with loaded.connect("dispatcher") as dispatcher:
+        got = get(dispatcher, "p3s.dispatcher.status")
+        assert got is not None, "the report reached the dispatcher's status queue"
+        report = parse_status(got.body)
+        assert isinstance(report, SourcesReport) and report.sources[0]["name"] == "buffer"
+        assert get(dispatcher, "p3s.dispatcher.events", timeout=0.5) is None, "not taken for a data event"
+
+
 def test_real_pilot_runs_a_task_under_the_pilot_user(loaded: Loaded, tmp_path: Path) -> None:
     """p3s's own pilot, as the pilot user with declare_topology = false: takes a task, runs it, reports."""
     env = {
