@@ -55,7 +55,7 @@ def _wait_for_broker(settings: Settings) -> Any:
     Left open, nothing would read or heartbeat it while the clone consumes, and
     the broker would close it for missed heartbeats, with an error in its log.
     """
-    connection = broker.ensure_connected(broker.connect(settings.broker), max_retries=None)
+    connection = broker.ensure_connected(broker.connect(settings.broker), max_retries=None, waiting="p3s")
     if not settings.broker.embedded:
         connection.release()
     return connection

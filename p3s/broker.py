@@ -65,10 +65,20 @@ def connect(settings: BrokerSettings, heartbeat: float | None = None) -> Connect
     )
 
 
-def ensure_connected(connection: Connection, max_retries: int | None = 0) -> Connection:
-    """Open ``connection`` now; BrokerUnavailable (URL masked) if the broker does not answer."""
+def ensure_connected(connection: Connection, max_retries: int | None = 0, waiting: str = "") -> Connection:
+    """Open ``connection`` now; BrokerUnavailable (URL masked) if the broker does not answer.
+
+    ``waiting``: who waits (a daemon's name); each failed try is then said at
+    WARNING, with the URL masked and the pause before the next.
+    """
+
+    def errback(exc: BaseException, interval: float) -> None:
+        log.warning("%s: waiting for the broker at %s (%s); trying again in %.1fs",
+                    waiting, connection.as_uri(), exc, interval)
+
     try:
-        connection.ensure_connection(max_retries=max_retries, interval_start=0.2, interval_max=2)
+        connection.ensure_connection(errback=errback if waiting else None, max_retries=max_retries,
+                                     interval_start=0.2, interval_step=1.0, interval_max=2)
     except CONNECTION_ERRORS as exc:
         raise BrokerUnavailable(f"cannot reach the broker at {connection.as_uri()}: {exc}") from exc
     return connection

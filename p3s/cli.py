@@ -20,6 +20,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # the command ran and found something wrong (a failed job, a broken audit)
 EXIT_USAGE = 2  # bad arguments or configuration
 EXIT_UNAVAILABLE = 3  # the broker or the database cannot be reached
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 
 log = logging.getLogger("p3s")
 
@@ -920,3 +921,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except BrokenPipeError:
         return EXIT_OK
+    except KeyboardInterrupt:
+        # Ctrl-C before a daemon's signal handlers are in place (waiting for a server, say).
+        return EXIT_INTERRUPTED
