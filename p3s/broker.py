@@ -38,6 +38,18 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: Heartbeat frames per negotiated interval.  RabbitMQ closes a connection it
+#: heard nothing from for one interval (two of its half-interval beats), so a
+#: client that beats only twice an interval, checked once a second, can miss
+#: it under load; four, checked a quarter interval apart, cannot.
+HEARTBEAT_RATE = 4
+
+
+def turn_s(settings: BrokerSettings, longest: float = 1.0) -> float:
+    """How long a consumer loop may wait for the broker before it must beat again."""
+    return min(longest, settings.heartbeat_s / HEARTBEAT_RATE) if settings.heartbeat_s > 0 else longest
+
+
 #: The broker refused an operation for lack of permission: retrying cannot help.
 ACCESS_REFUSED = amqp.exceptions.AccessRefused
 
@@ -341,7 +353,7 @@ class Publisher:
             try:
                 self._conn.drain_events(timeout=min(left, 1.0))
             except TimeoutError:
-                self._conn.heartbeat_check()
+                self._conn.heartbeat_check(rate=HEARTBEAT_RATE)
 
     def heartbeat_check(self) -> None:
         """Read the broker's frames and send a heartbeat if one is due; close a dead connection."""
@@ -353,7 +365,7 @@ class Publisher:
                     self._conn.drain_events(timeout=0)
                 except TimeoutError:
                     pass
-                self._conn.heartbeat_check()
+                self._conn.heartbeat_check(rate=HEARTBEAT_RATE)
             except CONNECTION_ERRORS as exc:
                 # Reopened by the next publish; nothing was in flight.
                 log.info("publisher: idle connection closed (%s); the next publish reconnects", exc)

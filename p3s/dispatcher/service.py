@@ -193,11 +193,12 @@ class Dispatcher(broker.ReconnectingConsumer):
                     # while a transaction runs; when idle, a wait here would be added
                     # to every file's latency.  While the database is away, wait (and
                     # heartbeat) instead of spinning.
-                    conn.drain_events(timeout=0 if waiting else min(safety_interval, self._database_wait() or 1e9))
+                    turn = broker.turn_s(self.settings.broker, safety_interval)
+                    conn.drain_events(timeout=0 if waiting else min(turn, self._database_wait() or 1e9))
                 except TimeoutError:
                     got = False
                 # Every turn: a consumer that is always busy never times out above.
-                conn.heartbeat_check()
+                conn.heartbeat_check(rate=broker.HEARTBEAT_RATE)
                 if self._waiting() and not self._database_wait() and (
                     not got or self._waiting() >= self.settings.dispatcher.batch_size
                 ):

@@ -210,9 +210,10 @@ class Pilot(broker.ReconnectingConsumer):
                 self._beat()
                 if self._message is None:
                     try:
-                        conn.drain_events(timeout=min(safety_interval, self.settings.pilot.heartbeat_s))
+                        conn.drain_events(timeout=min(safety_interval, self.settings.pilot.heartbeat_s,
+                                                      broker.turn_s(self.settings.broker)))
                     except TimeoutError:
-                        conn.heartbeat_check()
+                        conn.heartbeat_check(rate=broker.HEARTBEAT_RATE)
                         if self._limits_reached():
                             break
                 yield
@@ -414,7 +415,7 @@ class Pilot(broker.ReconnectingConsumer):
                 between_slices=self._between_slices,
                 kill_requested=lambda: self.kill_requested or self._kill,
                 kill_grace_s=self.settings.pilot.kill_grace_s,
-                slice_s=min(1.0, self.settings.pilot.heartbeat_s),
+                slice_s=min(self.settings.pilot.heartbeat_s, broker.turn_s(self.settings.broker)),
                 stage_in=stage_in,
                 contain=self._contain,
                 run_as=self.run_as,
@@ -490,7 +491,7 @@ class Pilot(broker.ReconnectingConsumer):
             self._report_pilot("heartbeat")
         self.publisher.heartbeat_check()
         try:
-            self._live.heartbeat_check()
+            self._live.heartbeat_check(rate=broker.HEARTBEAT_RATE)
         except broker.CONNECTION_ERRORS:
             log.debug("pilot %s: consumer connection heartbeat failed", self.id, exc_info=True)
 

@@ -159,6 +159,8 @@ def test_prometheus_scrapes_p3s(
             budget_s=120,
         )
     )
+    # Only `p3s db upgrade` creates the schema on a server database; `dag import` then records into it.
+    subprocess.run([*p3s, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=60)
     subprocess.run([*p3s, "dag", "import", "--name", "probe", str(template)], env=env, check=True,
                    capture_output=True, timeout=60)
 

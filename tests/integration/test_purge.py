@@ -174,7 +174,8 @@ def test_purge_in_batches_while_dispatcher_works(tmp_path: Path, broker_url: str
                                 text=True, timeout=60)
         assert status.returncode == 0, status.stderr
         data = json.loads(status.stdout)
-        assert data["queues"] == [{"queue": "default", "depth": 0}] and data["queues_note"] == ""
+        assert data["queues"] == [{"queue": "default", "depth": 0, "consumers": 1, "pilots": 1}]
+        assert data["queues_note"] == ""
         assert data["jobs"] == {"finished": NEW_FILES}  # the recent ones were created an hour ago
         assert data["files"] == {"accepted": NEW_FILES}
         assert [row["template"] for row in data["latency"]] == ["probe"]
