@@ -21,8 +21,8 @@ the time each took.
 
 Usage::
 
-    /tmp/venv/bin/python bench/intake.py                      # 10 000 events, dispatcher in a child process
-    /tmp/venv/bin/python bench/intake.py --mode threads --events 5000 --json out.json
+    python bench/intake.py                      # 10 000 events, dispatcher in a child process
+    python bench/intake.py --mode threads --events 5000 --json out.json
 
 Run by hand only; nothing here asserts on time.
 """

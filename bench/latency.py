@@ -28,9 +28,9 @@ confirms), the pilot's message callback and the pilot's ``_execute``.
 
 Usage::
 
-    /tmp/venv/bin/python bench/latency.py                      # threads, 500 files at 20/s, 2 pilots
-    /tmp/venv/bin/python bench/latency.py --mode processes --json out.json
-    /tmp/venv/bin/python bench/latency.py --files 200 --rate 50 --pilots 1
+    python bench/latency.py                      # threads, 500 files at 20/s, 2 pilots
+    python bench/latency.py --mode processes --json out.json
+    python bench/latency.py --files 200 --rate 50 --pilots 1
 
 Run by hand only; nothing here asserts on time.
 """

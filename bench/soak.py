@@ -24,9 +24,9 @@ state.  ``lost`` must be 0, and so must the files decided twice (besides
 
 Usage::
 
-    /tmp/venv/bin/python bench/soak.py                 # 10 minutes
-    /tmp/venv/bin/python bench/soak.py --minutes 2     # a quick try
-    /tmp/venv/bin/python bench/soak.py --minutes 3 --json out.json
+    python bench/soak.py                 # 10 minutes
+    python bench/soak.py --minutes 2     # a quick try
+    python bench/soak.py --minutes 3 --json out.json
 
 Run by hand only; nothing here asserts on time.  Exit status 1 if anything
 was lost or decided twice, or the audit failed (the logs are then kept and
