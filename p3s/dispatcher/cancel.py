@@ -24,17 +24,16 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from p3s import metrics, topology
+from p3s import topology
 from p3s.broker import Outgoing, Publisher
 from p3s.config import Settings
-from p3s.dagengine import workflow_state
 from p3s.db import Job, Pilot, Workflow
 from p3s.dispatcher.context import Context
-from p3s.dispatcher.jobs import finish_job
+from p3s.dispatcher.jobs import end_workflow, finish_job
 from p3s.dispatcher.reaper import LIVE_PILOT_STATES
 from p3s.errors import ConfigError, NotFound, P3SError
 from p3s.messages import Control, encode
-from p3s.states import JobState, PilotState, WorkflowState
+from p3s.states import JobState, PilotState
 
 log = logging.getLogger(__name__)
 
@@ -115,20 +114,7 @@ def _cancel(session: Session, ctx: Context, wf: Workflow, jobs: dict[str, Job], 
             job_id = job.id
             ctx.later(lambda job_id=job_id, reason=reason: log.info("job %s: dropped, %s", job_id, reason))
     if result.dropped:
-        _settle(wf, jobs, ctx)
-
-
-def _settle(wf: Workflow, jobs: dict[str, Job], ctx: Context) -> None:
-    """End the workflow if none of its jobs is left active (as jobs.advance does, but enqueueing nothing)."""
-    state = workflow_state(JobState(j.state) for j in jobs.values())
-    if state == WorkflowState.RUNNING or wf.state != WorkflowState.RUNNING:
-        return
-    wf.state = state
-    wf.ended_at = max((j.ended_at or ctx.now) for j in jobs.values())
-    template, latency, wf_id = wf.template, max(0.0, wf.ended_at - wf.seen_at), wf.id
-    ctx.later(metrics.WORKFLOWS.labels(template, state).inc)
-    ctx.later(lambda: metrics.SEEN_TO_DONE.labels(template, state).observe(latency))
-    ctx.later(lambda: log.info("workflow %s: %s", wf_id, state))
+        end_workflow(wf, jobs.values(), ctx)
 
 
 def cancel_workflow(session: Session, ctx: Context, workflow_id: int) -> Cancellation:

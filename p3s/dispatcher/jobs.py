@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
@@ -184,17 +184,24 @@ def advance(session: Session, wf: Workflow, ctx: Context, active: Active | None 
                 tasks.append(make_task(session, ctx, tpl, wf, job, file))
             else:
                 job.held = True
-    state = workflow_state(JobState(j.state) for j in jobs.values())
-    if state != WorkflowState.RUNNING and wf.state == WorkflowState.RUNNING:
-        wf.state = state
-        wf.ended_at = max((j.ended_at or ctx.now) for j in jobs.values())
-        template, latency, wf_id = wf.template, max(0.0, wf.ended_at - wf.seen_at), wf.id
-        ctx.later(metrics.WORKFLOWS.labels(template, state).inc)
-        if state == WorkflowState.FINISHED and wf.ended_at <= wf.deadline:
-            ctx.later(metrics.WORKFLOWS_ON_TIME.labels(template).inc)
-        ctx.later(lambda: metrics.SEEN_TO_DONE.labels(template, state).observe(latency))
-        ctx.later(lambda: log.info("workflow %s: %s", wf_id, state))
+    end_workflow(wf, jobs.values(), ctx)
     return tasks
+
+
+def end_workflow(wf: Workflow, jobs: Iterable[Job], ctx: Context) -> None:
+    """End a running workflow whose jobs are all terminal, counting it once the transaction commits."""
+    jobs = list(jobs)
+    state = workflow_state(JobState(j.state) for j in jobs)
+    if state == WorkflowState.RUNNING or wf.state != WorkflowState.RUNNING:
+        return
+    wf.state = state
+    wf.ended_at = max((j.ended_at or ctx.now) for j in jobs)
+    template, latency, wf_id = wf.template, max(0.0, wf.ended_at - wf.seen_at), wf.id
+    ctx.later(metrics.WORKFLOWS.labels(template, state).inc)
+    if state == WorkflowState.FINISHED and wf.ended_at <= wf.deadline:
+        ctx.later(metrics.WORKFLOWS_ON_TIME.labels(template).inc)
+    ctx.later(lambda: metrics.SEEN_TO_DONE.labels(template, state).observe(latency))
+    ctx.later(lambda: log.info("workflow %s: %s", wf_id, state))
 
 
 def _name_jobs(reason: str, jobs: Mapping[str, Job]) -> str:

@@ -37,7 +37,7 @@ from p3s.dispatcher.admission import Admission
 from p3s.dispatcher.catalogue import Catalogue
 from p3s.dispatcher.context import Context, IdAllocator
 from p3s.errors import BrokerUnavailable, ConfigError, InvalidMessage, ReportRefused
-from p3s.messages import DataEvent, JobReport, PilotReport, SourcesReport, Task, UncarriableEvent, encode, parse_status
+from p3s.messages import DataEvent, PilotReport, SourcesReport, Task, UncarriableEvent, encode, parse_status
 from p3s.states import JobState, PilotState
 
 log = logging.getLogger(__name__)
