@@ -143,7 +143,12 @@ def supports_dead_letters(connection: Connection) -> bool:
 
 
 def queue_depth(connection: Connection, queue: Queue) -> int:
-    """Messages ready in ``queue`` right now (0 if it does not exist).
+    """Messages ready in ``queue`` right now (0 if it does not exist)."""
+    return queue_counts(connection, queue)[0]
+
+
+def queue_counts(connection: Connection, queue: Queue) -> tuple[int, int]:
+    """Messages ready in ``queue`` and consumers on it; (0, 0) if it does not exist.
 
     Asked on a channel of its own: a passive declare of a missing queue closes
     its channel, and that must never be a consumer's.
@@ -151,19 +156,21 @@ def queue_depth(connection: Connection, queue: Queue) -> int:
     try:
         channel = connection.channel()
     except CONNECTION_ERRORS as exc:
-        raise BrokerUnavailable(f"cannot read the depth of {queue.name}: {exc}") from exc
+        raise BrokerUnavailable(f"cannot read {queue.name}: {exc}") from exc
     try:
-        _name, count, _consumers = queue(channel).queue_declare(passive=True)
+        _name, depth, consumers = queue(channel).queue_declare(passive=True)
     except (amqp.exceptions.NotFound, kombu.exceptions.ChannelError):
-        return 0
+        return 0, 0
     except CONNECTION_ERRORS as exc:
-        raise BrokerUnavailable(f"cannot read the depth of {queue.name}: {exc}") from exc
+        if "NOT_FOUND" in str(exc):
+            return 0, 0
+        raise BrokerUnavailable(f"cannot read {queue.name}: {exc}") from exc
     finally:
         try:
             channel.close()
         except CONNECTION_ERRORS:
-            log.debug("queue depth: channel already closed")
-    return int(count)
+            log.debug("queue counts: channel already closed")
+    return int(depth), int(consumers)
 
 
 @dataclass

@@ -118,13 +118,13 @@ def queue_status(settings: Settings, names: Iterable[str]) -> dict[str, Any]:
         out["note"] = "embedded broker: queue depths are visible only inside the process running it"
         return out
     from p3s import topology
-    from p3s.broker import connect, ensure_connected
+    from p3s.broker import connect, ensure_connected, queue_counts
 
     connection = connect(settings.broker, heartbeat=0)
     try:
         ensure_connected(connection, max_retries=0)
         for row in out["queues"]:
-            row["depth"], row["consumers"] = _queue_counts(connection, topology.task_queue(row["queue"]))
+            row["depth"], row["consumers"] = queue_counts(connection, topology.task_queue(row["queue"]))
     except (BrokerUnavailable, kombu.exceptions.OperationalError) as exc:
         # broker.ensure_connected lets kombu's OperationalError (a refused
         # connection, re-raised by kombu) through; both mean the same here.
@@ -135,33 +135,6 @@ def queue_status(settings: Settings, names: Iterable[str]) -> dict[str, Any]:
     finally:
         connection.release()
     return out
-
-
-def _queue_counts(connection: Any, queue: Any) -> tuple[int, int]:
-    """Messages ready in ``queue`` and consumers on it; (0, 0) if it does not exist.
-
-    On a channel of its own: a passive declare of a missing queue closes its channel.
-    """
-    from p3s.broker import CONNECTION_ERRORS
-
-    try:
-        channel = connection.channel()
-    except CONNECTION_ERRORS as exc:
-        raise BrokerUnavailable(f"cannot read {queue.name}: {exc}") from exc
-    try:
-        _name, depth, consumers = queue(channel).queue_declare(passive=True)
-    except kombu.exceptions.ChannelError:
-        return 0, 0
-    except CONNECTION_ERRORS as exc:
-        if "NOT_FOUND" in str(exc):
-            return 0, 0
-        raise BrokerUnavailable(f"cannot read {queue.name}: {exc}") from exc
-    finally:
-        try:
-            channel.close()
-        except CONNECTION_ERRORS:
-            log.debug("status: channel already closed")
-    return int(depth), int(consumers)
 
 
 def queue_warnings(
