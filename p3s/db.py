@@ -42,6 +42,17 @@ class FileRecord(Base):
     """One sighting of a file, with the one decision taken for it."""
 
     __tablename__ = "files"
+    # The web pages' filters and counts (migration 0005 says why each).
+    __table_args__ = (
+        Index("ix_files_received_decision", "received_at", "decision"),
+        Index("ix_files_seen_decision", "seen_at", "decision"),
+        Index("ix_files_decision_newest", "decision", "id"),
+        # Name search by prefix under any collation; PostgreSQL only (migration 0005
+        # also makes a trigram index there, when pg_trgm can be had).
+        Index("ix_files_name_pattern", "name", postgresql_ops={"name": "varchar_pattern_ops"}).ddl_if(
+            dialect="postgresql"
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     name: Mapped[str] = mapped_column(String(512), index=True)
@@ -53,8 +64,8 @@ class FileRecord(Base):
     source: Mapped[str] = mapped_column(String(128), default="")
     size: Mapped[int] = mapped_column(BigInteger, default=-1)
     seen_at: Mapped[float] = mapped_column(Float)
-    received_at: Mapped[float] = mapped_column(Float, index=True)
-    decision: Mapped[str] = mapped_column(String(16), index=True)
+    received_at: Mapped[float] = mapped_column(Float)
+    decision: Mapped[str] = mapped_column(String(16))
     by_hand: Mapped[bool] = mapped_column(Boolean, default=False)
     forced: Mapped[bool] = mapped_column(Boolean, default=False)
     reason: Mapped[str] = mapped_column(Text, default="")
@@ -91,12 +102,17 @@ class Workflow(Base):
     """The jobs made from one template for one file."""
 
     __tablename__ = "workflows"
+    __table_args__ = (
+        Index("ix_workflows_state_newest", "state", "id"),
+        Index("ix_workflows_template_state_newest", "template", "state", "id"),
+        Index("ix_workflows_ended_at", "ended_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     file_id: Mapped[int] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), index=True)
     template_id: Mapped[int] = mapped_column(ForeignKey("templates.id"), index=True)
-    template: Mapped[str] = mapped_column(String(128), index=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    template: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16))
     seen_at: Mapped[float] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float, index=True)
     deadline: Mapped[float] = mapped_column(Float)
@@ -112,6 +128,11 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_state_deadline", "state", "deadline"),
         Index("ix_jobs_stage_state", "template", "node", "state"),
+        Index("ix_jobs_state_newest", "state", "id"),
+        Index("ix_jobs_template_newest", "template", "id"),
+        Index("ix_jobs_pilot_newest", "pilot_id", "id"),
+        Index("ix_jobs_started_at", "started_at"),
+        Index("ix_jobs_ended_at", "ended_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -125,7 +146,7 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer)
     deadline: Mapped[float] = mapped_column(Float)
     wall_s: Mapped[float] = mapped_column(Float)
-    pilot_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    pilot_id: Mapped[str | None] = mapped_column(String(64))
     exit_code: Mapped[int | None] = mapped_column(Integer)
     log: Mapped[str] = mapped_column(Text, default="")
     reason: Mapped[str] = mapped_column(Text, default="")
