@@ -185,10 +185,7 @@ def cmd_dag_import(args: argparse.Namespace) -> int:
 
 
 def cmd_dag_list(args: argparse.Namespace) -> int:
-    from p3s.dispatcher import admin
-
-    with session_of(args) as s:
-        rows = admin.list_templates(s, include_deleted=args.all)
+    rows = listing(args, "templates", include_deleted=args.all)
     return emit(args, rows, ["name", "version", "state", "nodes", "trigger", "budget_s"])
 
 
@@ -273,27 +270,35 @@ def cmd_priority_list(args: argparse.Namespace) -> int:
     return emit(args, rows, ["template", "node", "priority", "template_priority", "set_at"])
 
 
-def cmd_files(args: argparse.Namespace) -> int:
+def listing(args: argparse.Namespace, name: str, **filters: Any) -> list[dict[str, Any]]:
+    """``admin.list_<name>(session, **filters)``; on the embedded default read with sqlite3 where it can.
+
+    A listing is what an operator types most: on a laptop's SQLite file it
+    skips SQLAlchemy's import, the larger part of its time (p3s.listings).
+    """
+    from p3s import listings
+
+    rows = listings.read(settings_of(args).database_url, name, **filters)
+    if rows is not None:
+        return rows
     from p3s.dispatcher import admin
 
     with session_of(args) as s:
-        rows = admin.list_files(s, limit=args.limit)
+        return getattr(admin, f"list_{name}")(s, **filters)
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    rows = listing(args, "files", limit=args.limit)
     return emit(args, rows, ["id", "name", "stream", "decision", "workflows", "seen_at", "path"])
 
 
 def cmd_workflows(args: argparse.Namespace) -> int:
-    from p3s.dispatcher import admin
-
-    with session_of(args) as s:
-        rows = admin.list_workflows(s, limit=args.limit, state=args.state)
+    rows = listing(args, "workflows", limit=args.limit, state=args.state)
     return emit(args, rows, ["id", "template", "state", "latency_s", "created_at", "file"])
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from p3s.dispatcher import admin
-
-    with session_of(args) as s:
-        rows = admin.list_jobs(s, limit=args.limit, state=args.state, workflow_id=args.workflow)
+    rows = listing(args, "jobs", limit=args.limit, state=args.state, workflow_id=args.workflow)
     return emit(args, rows, ["id", "workflow_id", "node", "state", "exit_code", "latency_s", "reason", "log"])
 
 

@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from p3s import schema
 from p3s.errors import ConfigError, DatabaseRefused, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -305,33 +306,6 @@ def upgrade(url: str, revision: str = "head") -> None:
             lock_engine.dispose()
 
 
-_REVISION_RE = re.compile(r"^(down_revision|revision)\s*(?::[^=]*)?=\s*(None|[\"'][^\"']*[\"'])", re.MULTILINE)
-
-
-def script_head() -> str:
-    """The newest revision among the migration scripts, read from their text.
-
-    Alembic's own ScriptDirectory imports every script and most of Alembic;
-    a read-only command only needs the name of the head, so it reads the
-    ``revision`` and ``down_revision`` lines (a linear history: the head is
-    the one revision no other script revises).
-    """
-    revisions: set[str] = set()
-    revised: set[str] = set()
-    for path in (Path(__file__).parent / "migrations" / "versions").glob("*.py"):
-        found = dict(m.groups() for m in _REVISION_RE.finditer(path.read_text()))
-        if "revision" not in found:
-            continue
-        revisions.add(found["revision"].strip("\"'"))
-        down = found.get("down_revision", "None")
-        if down != "None":
-            revised.add(down.strip("\"'"))
-    heads = revisions - revised
-    if len(heads) != 1:
-        raise ConfigError(f"the migration scripts have {len(heads)} heads: {sorted(heads)}")
-    return heads.pop()
-
-
 def check_schema(url: str) -> None:
     """Make sure the schema at ``url`` is the one this p3s knows, changing nothing.
 
@@ -345,11 +319,9 @@ def check_schema(url: str) -> None:
 
     parsed = make_url(normalise_url(url))
     masked = parsed.render_as_string(hide_password=True)
-    hint = "run p3s db upgrade"
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         if not Path(parsed.database).is_file():
-            raise DatabaseUnavailable(f"the database at {masked} does not exist yet: {hint}")
-    head = script_head()
+            raise schema.missing_file(masked)
     try:
         engine = create_engine(normalise_url(url), poolclass=NullPool, **_connect_timeout(parsed))
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as exc:
@@ -369,12 +341,7 @@ def check_schema(url: str) -> None:
         raise DatabaseUnavailable(f"cannot reach the database at {masked}: {exc.orig}") from exc
     finally:
         engine.dispose()
-    if current is None:
-        raise DatabaseUnavailable(f"the database at {masked} has no p3s schema: {hint}")
-    if current != head:
-        raise DatabaseUnavailable(
-            f"the database at {masked} is at schema revision {current}, this p3s needs {head}: {hint}"
-        )
+    schema.require_current(masked, current)
 
 
 def _no_table(exc: BaseException) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from p3s import db
+from p3s import db, schema
 from p3s.cli import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from p3s.config import load_settings
 from tests.stack import graphml
@@ -131,7 +131,7 @@ def test_read_only_commands_on_an_outdated_database_leave_it(state: Path) -> Non
 
 
 def test_the_cheap_head_is_alembics_head() -> None:
-    assert db.script_head() == db.head_revision()
+    assert schema.script_head() == db.head_revision()
 
 
 def test_config_is_accepted_after_the_subcommand(ready: Path) -> None:
