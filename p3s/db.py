@@ -46,13 +46,9 @@ class FileRecord(Base):
     # The web pages' filters and counts (migration 0005 says why each).
     __table_args__ = (
         Index("ix_files_received_decision", "received_at", "decision"),
-        Index("ix_files_seen_decision", "seen_at", "decision"),
         Index("ix_files_decision_newest", "decision", "id"),
-        # Name search by prefix under any collation; PostgreSQL only (migration 0005
-        # also makes a trigram index there, when pg_trgm can be had).
-        Index("ix_files_name_pattern", "name", postgresql_ops={"name": "varchar_pattern_ops"}).ddl_if(
-            dialect="postgresql"
-        ),
+        # Not declared: ix_files_name_trgm, a trigram index for searching a part of the
+        # name, made by migration 0005 on PostgreSQL where pg_trgm can be had.
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -132,8 +128,6 @@ class Job(Base):
         Index("ix_jobs_state_newest", "state", "id"),
         Index("ix_jobs_template_newest", "template", "id"),
         Index("ix_jobs_pilot_newest", "pilot_id", "id"),
-        Index("ix_jobs_started_at", "started_at"),
-        Index("ix_jobs_ended_at", "ended_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)

@@ -5,26 +5,22 @@ Revises: 0004
 
 The web pages list the newest rows first under a filter (files by decision,
 workflows by state and template, jobs by state, template and pilot) and count
-recent rows by time (files seen or received in the last minute to day, by
-decision; workflows and jobs that ended or started in the last hours).  On a
-million jobs each of these must read a few index pages, not a table, so:
+recent rows by time (files received in the last minute to day, by decision; workflows that ended in the last hour).  On a million jobs each of
+these must read a few index pages, not a table, so:
 
 * filters that list newest first get ``(filter..., id)`` indexes: PostgreSQL
   then walks the index backwards and stops at the page's limit, whatever the
   filter's share of the rows.  Each replaces the single-column index on the
   same leading column, which it covers.
-* counts by time and decision get ``(time, decision)`` indexes, so they are
-  answered from the index alone.
-* workflows and jobs get indexes on ``ended_at`` (the last failures, on-time
-  share and latency of the last hour) and jobs on ``started_at`` (the latency
-  plot's file seen -> job started).
-* a name search by prefix (``LIKE 'run12%'``) needs a ``varchar_pattern_ops``
-  index on PostgreSQL unless the database's collation is C; a search for a
-  part of the name (``ILIKE '%12%'``) needs a trigram index, made when the
-  ``pg_trgm`` extension is installed or can be (it is a trusted extension:
-  the owner of the database may create it).  Without it the migration goes
-  on and says so: the search still works, by reading the table.  SQLite
-  gets neither (it has no such operator classes); its searches read the table.
+* counts by time received and decision get a ``(received_at, decision)``
+  index, so they are answered from the index alone.
+* workflows get an index on ``ended_at`` (the on-time share and latency of
+  the last hour).  Jobs' recent figures go by ``created_at``, indexed already.
+* a search for a part of a file's name (``LIKE '%12%'``) can only use a
+  trigram index, made on PostgreSQL when the ``pg_trgm`` extension is
+  installed or can be (it is a trusted extension: the owner of the database
+  may create it).  Without it the migration goes on and says so: the search
+  still works, by reading the table, as it does on SQLite.
 
 On PostgreSQL, building these on a million jobs holds writes to the tables
 for some seconds (CREATE INDEX, in the migration's transaction).
@@ -47,7 +43,6 @@ log = logging.getLogger("alembic.runtime.migration")
 # (index name, table, columns): the same on every database, and declared in p3s/db.py.
 INDEXES = [
     ("ix_files_received_decision", "files", ["received_at", "decision"]),
-    ("ix_files_seen_decision", "files", ["seen_at", "decision"]),
     ("ix_files_decision_newest", "files", ["decision", "id"]),
     ("ix_workflows_state_newest", "workflows", ["state", "id"]),
     ("ix_workflows_template_state_newest", "workflows", ["template", "state", "id"]),
@@ -55,8 +50,6 @@ INDEXES = [
     ("ix_jobs_state_newest", "jobs", ["state", "id"]),
     ("ix_jobs_template_newest", "jobs", ["template", "id"]),
     ("ix_jobs_pilot_newest", "jobs", ["pilot_id", "id"]),
-    ("ix_jobs_started_at", "jobs", ["started_at"]),
-    ("ix_jobs_ended_at", "jobs", ["ended_at"]),
 ]
 
 # Single-column indexes of revision 0001 that an index above covers (same leading column).
@@ -97,20 +90,16 @@ def upgrade() -> None:
         op.create_index(name, table, columns)
     for name, table, _columns in REPLACED:
         op.drop_index(name, table_name=table)
-    if bind.dialect.name == "postgresql":
-        op.create_index("ix_files_name_pattern", "files", ["name"], postgresql_ops={"name": "varchar_pattern_ops"})
-        if _trigrams(bind):
-            op.create_index(
-                TRIGRAM_INDEX, "files", ["name"], postgresql_using="gin", postgresql_ops={"name": "gin_trgm_ops"}
-            )
+    if bind.dialect.name == "postgresql" and _trigrams(bind):
+        op.create_index(
+            TRIGRAM_INDEX, "files", ["name"], postgresql_using="gin", postgresql_ops={"name": "gin_trgm_ops"}
+        )
 
 
 def downgrade() -> None:
-    bind = op.get_bind()
-    if bind.dialect.name == "postgresql":
-        # The extension stays: other schemas of the database may use it.
+    if op.get_bind().dialect.name == "postgresql":
+        # Made only where pg_trgm could be had.  The extension stays: other schemas may use it.
         op.execute(f"DROP INDEX IF EXISTS {TRIGRAM_INDEX}")
-        op.drop_index("ix_files_name_pattern", table_name="files")
     for name, table, columns in REPLACED:
         op.create_index(name, table, columns)
     for name, table, _columns in reversed(INDEXES):
