@@ -5,9 +5,12 @@
 Makes a scratch state directory with an SQLite database at the current schema,
 ``--rows`` files with one workflow and one job each and a template, then runs
 each command ``--runs`` times as a fresh process (as an operator types it) and
-prints the median and the fastest wall time.  Two floors come first: ``python
--c pass`` (starting the interpreter), ``python -c "import p3s"`` and ``python -c "import
-sqlalchemy.orm"`` (what any command reading the records must load).  Run by
+prints the median and the fastest wall time, and the median CPU time (user +
+system: the steadier figure on a busy host).  Floors come first: ``python -c
+pass`` (starting the interpreter), ``import p3s``, ``import sqlalchemy.orm``
+(what a command reading the records through SQLAlchemy must load) and
+``import p3s.cli, p3s.config, sqlite3`` (what the embedded default's listings
+load: they read SQLite with the standard library, p3s/listings.py).  Run by
 hand, never in the test suite; figures go in bench/RESULTS.md.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +35,8 @@ COMMANDS = [
     ('python -c "import p3s"', [sys.executable, "-c", "import p3s"]),
     # The floor of any command that reads the records through SQLAlchemy.
     ('python -c "import sqlalchemy.orm"', [sys.executable, "-c", "import sqlalchemy.orm"]),
+    # The floor of the embedded default's listings, which read SQLite with the standard library.
+    ('python -c "import p3s.cli, sqlite3"', [sys.executable, "-c", "import p3s.cli, p3s.config, sqlite3"]),
     ("p3s --help", [sys.executable, "-m", "p3s", "--help"]),
     ("p3s jobs", [sys.executable, "-m", "p3s", "jobs"]),
     ("p3s files", [sys.executable, "-m", "p3s", "files"]),
@@ -73,15 +79,19 @@ def populate(state: Path, rows: int) -> None:
     engine.dispose()
 
 
-def measure(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
-    times = []
+def measure(argv: list[str], env: dict[str, str], runs: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU (user + system) seconds of each run; CPU time is the steadier on a busy host."""
+    times, cpu = [], []
     for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         done = subprocess.run(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
         times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.decode()[-500:]}")
-    return times
+    return times, cpu
 
 
 def main() -> None:
@@ -95,10 +105,11 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("P3S_")}
         env.update(P3S_STATE_DIR=str(state), PYTHONPATH=str(REPO))
         print(f"{args.runs} runs each, {args.rows} files/workflows/jobs, embedded default (SQLite)")
-        print(f"{'command':34} {'median_s':>9} {'min_s':>7}")
+        print(f"{'command':34} {'median_s':>9} {'min_s':>7} {'cpu_median_s':>13}")
         for name, argv in COMMANDS:
-            times = measure(argv, env, args.runs)
-            print(f"{name:34} {statistics.median(times):9.3f} {min(times):7.3f}", flush=True)
+            times, cpu = measure(argv, env, args.runs)
+            print(f"{name:34} {statistics.median(times):9.3f} {min(times):7.3f} {statistics.median(cpu):13.3f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

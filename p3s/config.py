@@ -10,7 +10,6 @@ Nothing is read at import time.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import math
@@ -385,6 +384,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
         # P3S_TEST_* belong to the test suite, not to p3s.
         if not name.startswith("P3S_") or name in known or name in NOT_SETTINGS_ENV or name.startswith("P3S_TEST_"):
             continue
+        import difflib  # only for a mistyped name: every command reads the settings
+
         near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
         out.append(f"{name} (did you mean {near[0]}?)" if near else name)
     return out
