@@ -172,15 +172,9 @@ def cmd_dag_import(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise TemplateError(f"two files name the same template: {sorted(n for n in set(names) if names.count(n) > 1)}")
     with session_of(args, edits=True) as s, s.begin():
-        for tpl in templates:
-            record, changed = admin.import_template_if_changed(s, tpl)
-            if not changed:
-                print(f"template {record.name} version {record.version}: unchanged, no new version")
-                continue
-            print(
-                f"template {record.name} version {record.version}: {len(tpl.nodes)} node(s), "
-                f"trigger {record.trigger!r}, budget {record.budget_s:g}s"
-            )
+        lines = admin.import_templates(s, templates)
+    for line in lines:
+        print(line)
     return EXIT_OK
 
 

@@ -24,21 +24,12 @@ def _publish(args: argparse.Namespace, controls: list[Any]) -> None:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from p3s.cli import session_of, settings_of
     from p3s.dispatcher import cancel
-    from p3s.dispatcher.context import Context
 
-    ctx = Context(settings_of(args))
     session = session_of(args)
     try:
-        with session, session.begin():
-            if args.what == "workflow":
-                result = cancel.cancel_workflow(session, ctx, args.id)
-            else:
-                result = cancel.cancel_job(session, ctx, args.id)
+        result = cancel.cancel_and_tell(session, settings_of(args), args.what, args.id)
     finally:
         session.get_bind().dispose()
-    ctx.committed()
-    # After the commit: a pilot told to end a payload must find its job still on record as running.
-    _publish(args, result.controls)
     for line in result.lines():
         print(line)
     return EXIT_OK

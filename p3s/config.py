@@ -65,6 +65,15 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{_host_part(parts.netloc)}"))
 
 
+def split_bind(text: str, where: str = "web.bind") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as a host and a port number; ConfigError if it is not one."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: expected HOST:PORT such as 127.0.0.1:8080, got {text!r}")
+    return host, int(port)
+
+
 def _host_part(netloc: str) -> str:
     """The host and port of a netloc exactly as written (IPv6 brackets kept)."""
     return netloc.rsplit("@", 1)[-1]
@@ -231,6 +240,26 @@ class TemplatesSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The web monitor (``p3s web``): where it listens, who may look and who may act."""
+
+    bind: str = "127.0.0.1:8080"
+    # Viewers read every page without a login; false: every page needs one.
+    anonymous_view: bool = True
+    # Lines ``name:password``; a line without ``:`` is the password of ``operator``.
+    password_file: str = ""
+    # Lines ``name:token``: ``Authorization: Bearer <token>``, or the token typed as a password.
+    token_file: str = ""
+    # The key that signs session cookies; empty: <state_dir>/web-secret, made 0600 when missing.
+    secret_file: str = ""
+    # The pilot count the overview checks the live pilots against; 0: no check.
+    nominal_pilots: int = 0
+    # Seconds between live refreshes of a page, and how long one computed overview is shared.
+    refresh_s: float = 5.0
+    cache_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """The effective configuration of every p3s part."""
 
@@ -246,6 +275,7 @@ class Settings:
     pilot: PilotSettings = PilotSettings()
     metrics: MetricsSettings = MetricsSettings()
     templates: TemplatesSettings = TemplatesSettings()
+    web: WebSettings = WebSettings()
     # Fraction of files to process, by stream name or by glob on the file name.
     sampling: Mapping[str, float] = field(default_factory=dict)
     source_file: str = ""
@@ -465,6 +495,13 @@ def _validate(s: Settings) -> None:
         raise ConfigError("broker.max_queue_length: must be 0 (unbounded) or positive")
     if s.dispatcher.batch_size < 1:
         raise ConfigError("dispatcher.batch_size: must be at least 1")
+    split_bind(s.web.bind)
+    if s.web.nominal_pilots < 0:
+        raise ConfigError("web.nominal_pilots: must be 0 (no check) or positive")
+    for key in ("refresh_s", "cache_s"):
+        value = getattr(s.web, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"web.{key}: must be a positive number of seconds, got {value}")
     for key, limit in dataclasses.asdict(s.templates).items():
         if not limit > 0:
             raise ConfigError(f"templates.{key}: must be positive, got {limit}")

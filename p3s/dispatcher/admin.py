@@ -40,6 +40,21 @@ def import_template_if_changed(session: Session, tpl: Template) -> tuple[Templat
     return import_template(session, tpl), True
 
 
+def import_templates(session: Session, templates: list[Template]) -> list[str]:
+    """Store each of ``templates`` unless unchanged (``p3s dag import`` and the web's upload); a line each."""
+    lines = []
+    for tpl in templates:
+        record, changed = import_template_if_changed(session, tpl)
+        if not changed:
+            lines.append(f"template {record.name} version {record.version}: unchanged, no new version")
+            continue
+        lines.append(
+            f"template {record.name} version {record.version}: {len(tpl.nodes)} node(s), "
+            f"trigger {record.trigger!r}, budget {record.budget_s:g}s"
+        )
+    return lines
+
+
 def import_template(session: Session, tpl: Template) -> TemplateRecord:
     """Store ``tpl`` as the next version of its name; running workflows keep theirs."""
     current = session.scalar(select(func.max(TemplateRecord.version)).where(TemplateRecord.name == tpl.name))
@@ -178,9 +193,40 @@ def list_priorities(session: Session) -> list[dict[str, Any]]:
     return out
 
 
-def list_files(session: Session, limit: int = 100) -> list[dict[str, Any]]:
-    counts = dict(session.execute(select(Workflow.file_id, func.count()).group_by(Workflow.file_id)).all())
-    rows = session.scalars(select(FileRecord).order_by(FileRecord.id.desc()).limit(limit)).all()
+def _like(text: str) -> str:
+    """A LIKE pattern matching ``text`` anywhere, its own ``%``, ``_`` and ``\\`` taken literally."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def list_files(
+    session: Session,
+    limit: int = 100,
+    name: str | None = None,
+    decision: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> list[dict[str, Any]]:
+    """Files, newest first; ``name`` matches part of the name, ``since``/``until`` the time received."""
+    query = select(FileRecord)
+    if name:
+        query = query.where(FileRecord.name.like(_like(name), escape="\\"))
+    if decision:
+        query = query.where(FileRecord.decision == decision)
+    if since is not None:
+        query = query.where(FileRecord.received_at >= since)
+    if until is not None:
+        query = query.where(FileRecord.received_at < until)
+    rows = session.scalars(query.order_by(FileRecord.id.desc()).limit(limit)).all()
+    # Workflows counted for the files shown only: never a whole table.
+    counts: dict[int, int] = {}
+    if rows:
+        counts = dict(
+            session.execute(
+                select(Workflow.file_id, func.count())
+                .where(Workflow.file_id.in_([f.id for f in rows]))
+                .group_by(Workflow.file_id)
+            ).all()
+        )
     return [
         {
             "id": f.id,
@@ -200,10 +246,20 @@ def list_files(session: Session, limit: int = 100) -> list[dict[str, Any]]:
     ]
 
 
-def list_workflows(session: Session, limit: int = 100, state: str | None = None) -> list[dict[str, Any]]:
+def list_workflows(
+    session: Session,
+    limit: int = 100,
+    state: str | None = None,
+    template: str | None = None,
+    workflow_id: int | None = None,
+) -> list[dict[str, Any]]:
     query = select(Workflow, FileRecord).join(FileRecord, Workflow.file_id == FileRecord.id)
     if state:
         query = query.where(Workflow.state == state)
+    if template:
+        query = query.where(Workflow.template == template)
+    if workflow_id is not None:
+        query = query.where(Workflow.id == workflow_id)
     rows = session.execute(query.order_by(Workflow.id.desc()).limit(limit)).all()
     return [
         {
@@ -223,7 +279,14 @@ def list_workflows(session: Session, limit: int = 100, state: str | None = None)
 
 
 def list_jobs(
-    session: Session, limit: int = 100, state: str | None = None, workflow_id: int | None = None
+    session: Session,
+    limit: int = 100,
+    state: str | None = None,
+    workflow_id: int | None = None,
+    template: str | None = None,
+    node: str | None = None,
+    pilot_id: str | None = None,
+    job_id: int | None = None,
 ) -> list[dict[str, Any]]:
     query = (
         select(Job, Workflow, FileRecord)
@@ -234,6 +297,14 @@ def list_jobs(
         query = query.where(Job.state == state)
     if workflow_id is not None:
         query = query.where(Job.workflow_id == workflow_id)
+    if template:
+        query = query.where(Job.template == template)
+    if node:
+        query = query.where(Job.node == node)
+    if pilot_id:
+        query = query.where(Job.pilot_id == pilot_id)
+    if job_id is not None:
+        query = query.where(Job.id == job_id)
     rows = session.execute(query.order_by(Job.id.desc()).limit(limit)).all()
     return [
         {

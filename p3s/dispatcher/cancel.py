@@ -146,6 +146,22 @@ def cancel_job(session: Session, ctx: Context, job_id: int) -> Cancellation:
     return result
 
 
+def cancel_and_tell(session: Session, settings: Settings, what: str, ident: int) -> Cancellation:
+    """Cancel a workflow or a job (``what``) in one transaction, then tell the pilots of its running jobs.
+
+    ``p3s cancel`` and the web's cancel buttons both come here.
+    """
+    if what not in ("workflow", "job"):
+        raise ValueError(f"cancel a workflow or a job, not {what!r}")
+    ctx = Context(settings)
+    with session, session.begin():
+        result = (cancel_workflow if what == "workflow" else cancel_job)(session, ctx, ident)
+    ctx.committed()
+    # After the commit: a pilot told to end a payload must find its job still on record as running.
+    send(settings, result.controls)
+    return result
+
+
 def pilot_orders(session: Session, action: str, pilot_id: str | None = None, host: str | None = None
                  ) -> tuple[list[Control], list[str]]:
     """The orders for the live pilots named (by id or host), and a line for each one not alive.

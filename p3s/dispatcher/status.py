@@ -210,18 +210,28 @@ def source_status(session: Session, settings: Settings, now: float) -> list[dict
 
 
 def collect(
-    session: Session, settings: Settings, now: float | None = None, watcher_metrics: str | None = None
+    session: Session,
+    settings: Settings,
+    now: float | None = None,
+    watcher_metrics: str | None = None,
+    ask_broker: bool = True,
 ) -> dict[str, Any]:
     """Everything ``p3s status`` shows, as one JSON-able object.
 
     ``watcher_metrics`` is ignored: the sources come from what the watchers report.
+    ``ask_broker`` false leaves the queue depths and consumers unknown, saying so.
     """
     from p3s.dispatcher.admin import template_queues
 
     now = time.time() if now is None else now
     data = database_status(session, now)
     used = template_queues(session)
-    queues = queue_status(settings, sorted(set(settings.pilot.queues) | set(used)))
+    names = sorted(set(settings.pilot.queues) | set(used))
+    if ask_broker:
+        queues = queue_status(settings, names)
+    else:
+        queues = {"note": "the broker was not asked", "unreachable": False,
+                  "queues": [{"queue": n, "depth": None, "consumers": None} for n in names]}
     return {
         "at": now,
         "queues": queues["queues"],

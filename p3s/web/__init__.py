@@ -1,0 +1,1 @@
+"""The web service: pages and a JSON API for shifters and operators (``p3s web``)."""
