@@ -260,6 +260,29 @@ class WebSettings:
 
 
 @dataclass(frozen=True)
+class ResultsSettings:
+    """DQM results: run and subrun from file names, expected ranges, how long results are kept."""
+
+    # By stream (``*``: every other stream): a regular expression with named
+    # groups run and (optional) subrun, searched in the file name.
+    run_patterns: Mapping[str, str] = field(default_factory=dict)
+    # By template, then metric: [low, high] (-inf/inf for an open end); wins over the manifest's range.
+    ranges: Mapping[str, Mapping[str, tuple[float, ...]]] = field(default_factory=dict)
+    # p3s purge removes result records older than this, keeping the newest of each category.
+    retention_days: float = 90.0
+    # ... and may delete the files those results list (and leave the output
+    # directories of workflows with results to the records' purge) only if true.
+    delete_files: bool = False
+    manifest_max_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        # Plain dicts, not the read-only views _coerce makes: dataclasses.asdict
+        # (p3s config show) cannot copy a view nested in a section.
+        object.__setattr__(self, "run_patterns", dict(self.run_patterns))
+        object.__setattr__(self, "ranges", {t: dict(m) for t, m in self.ranges.items()})
+
+
+@dataclass(frozen=True)
 class Settings:
     """The effective configuration of every p3s part."""
 
@@ -275,6 +298,7 @@ class Settings:
     pilot: PilotSettings = PilotSettings()
     metrics: MetricsSettings = MetricsSettings()
     templates: TemplatesSettings = TemplatesSettings()
+    results: ResultsSettings = ResultsSettings()
     web: WebSettings = WebSettings()
     # Fraction of files to process, by stream name or by glob on the file name.
     sampling: Mapping[str, float] = field(default_factory=dict)
@@ -505,6 +529,23 @@ def _validate(s: Settings) -> None:
     for key, limit in dataclasses.asdict(s.templates).items():
         if not limit > 0:
             raise ConfigError(f"templates.{key}: must be positive, got {limit}")
+    _validate_results(s.results)
+
+
+def _validate_results(r: ResultsSettings) -> None:
+    from p3s.results.runs import compile_pattern
+
+    for stream, pattern in r.run_patterns.items():
+        compile_pattern(f"results.run_patterns.{stream}", pattern)
+    for template, metrics in r.ranges.items():
+        for metric, bounds in metrics.items():
+            if len(bounds) != 2 or math.isnan(bounds[0]) or math.isnan(bounds[1]) or bounds[0] > bounds[1]:
+                raise ConfigError(f"results.ranges.{template}.{metric}: expected [low, high] with low <= high, "
+                                  f"got {list(bounds)}")
+    if not (math.isfinite(r.retention_days) and r.retention_days > 0):
+        raise ConfigError(f"results.retention_days: must be a positive number of days, got {r.retention_days}")
+    if r.manifest_max_bytes < 1:
+        raise ConfigError("results.manifest_max_bytes: must be positive")
 
 
 # -- writing settings back as TOML ---------------------------------------------------------

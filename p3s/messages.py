@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from p3s.errors import InvalidMessage
+from p3s.results.manifest import parse_report_results
 from p3s.states import JobState, PilotState
 
 SCHEMA_VERSION = 1
@@ -275,6 +276,9 @@ class JobReport:
     # The pilot refused a task the broker delivered a second time: it may have run already.
     redelivered: bool = False
     token: str = field(default="", repr=False)  # the task's token: proof the sender took the task
+    # A finished job's results manifest as the pilot collected it (p3s.results.manifest); None: no manifest,
+    # or a pilot from before manifests.
+    results: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, body: bytes | str) -> JobReport:
@@ -300,7 +304,15 @@ class JobReport:
             ended_at=_number(data, "ended_at", EPOCH_RANGE, None),
             redelivered=_field(data, "redelivered", bool, False),
             token=_text(data, "token", TOKEN_MAX, ""),
+            results=_results(data),
         )
+
+
+def _results(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A report's ``results``, checked against what the database stores (bounded in size and counts)."""
+    if data.get("results") is None:
+        return None
+    return parse_report_results(data["results"])
 
 
 PILOT_EVENTS = ("register", "heartbeat", "stop")
