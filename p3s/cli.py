@@ -296,6 +296,31 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return emit(args, rows, ["id", "workflow_id", "node", "state", "exit_code", "latency_s", "reason", "log"])
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from p3s.results import query
+
+    with session_of(args) as s:
+        if args.alarms:
+            return emit(args, query.list_alarms(s, template=args.template),
+                        ["template", "metric", "value", "lo", "hi", "result_id", "raised_at"])
+        rows = query.list_results(s, template=args.template, run=args.run, limit=args.limit)
+        alarms = [] if args.json else query.list_alarms(s, template=args.template)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        row["metrics_text"] = ", ".join(
+            f"{m['name']}={m['value']:g}{m['unit'] and ' ' + m['unit']}{' ALARM' if m['alarm'] else ''}"
+            for m in row["metrics"])
+        row["plots"] = ", ".join(f["path"] for f in row["files"])
+    print_table(rows, ["id", "template", "run", "subrun", "age_s", "on_time", "metrics_text", "plots", "file"])
+    for a in alarms:
+        print(f"ALARM {a['template']} {a['metric']} = {a['value']:g}, expected "
+              f"[{'-' if a['lo'] is None else format(a['lo'], 'g')}, {'-' if a['hi'] is None else format(a['hi'], 'g')}]"
+              f" (result {a['result_id']})")
+    return EXIT_OK
+
+
 def cmd_pilots(args: argparse.Namespace) -> int:
     from p3s.dispatcher import admin
 
@@ -408,6 +433,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             dry_run=args.dry_run,
             progress=progress,
+            results_cutoff=time.time() - settings.results.retention_days * 86400,
+            delete_result_files=settings.results.delete_files,
         )
     finally:
         engine.dispose()
@@ -418,7 +445,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
     print(
         f"purge: {verb} {counts.files} files, {counts.workflows} workflows, {counts.jobs} jobs, "
         f"{counts.pilots} pilots, {counts.templates} template versions, {counts.output_dirs} output dirs, "
-        f"{counts.log_files} log files, {counts.log_dirs} log dirs older than {when(cutoff)} UTC "
+        f"{counts.log_files} log files, {counts.log_dirs} log dirs older than {when(cutoff)} UTC, "
+        f"{counts.results} results and {counts.result_files} result files older than "
+        f"{settings.results.retention_days:g} days "
         f"in {counts.batches} batch(es)"
     )
     return EXIT_OK
@@ -789,6 +818,10 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = _listing(sub, "jobs", cmd_jobs, "jobs, newest first, with the reason of each ending", [s.value for s in JobState])
     jobs.add_argument("--workflow", type=int, default=None, help="only the jobs of this workflow")
     _listing(sub, "pilots", cmd_pilots, "pilots: state, queues and the job each is running")
+    q = _listing(sub, "results", cmd_results, "DQM results, newest first: run, subrun, age, metrics and plots")
+    q.add_argument("--template", default=None, help="only this template's results")
+    q.add_argument("--run", type=int, default=None, help="only the results of this run")
+    q.add_argument("--alarms", action="store_true", help="the alarms raised now instead")
 
     q = sub.add_parser("logs", help="print a job's log (--follow: and what it adds, until the job ends)")
     q.add_argument("job", type=int, metavar="JOB", help="job id (from p3s jobs)")

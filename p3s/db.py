@@ -194,6 +194,89 @@ class WatcherSource(Base):
     reported_at: Mapped[float] = mapped_column(Float)  # the dispatcher's clock: says how fresh it is
 
 
+class ResultRecord(Base):
+    """What one finished job's results manifest said, tied to its file's run and subrun (migration 0006).
+
+    Denormalised (template, node, file name, times) and without foreign keys
+    to jobs, workflows or files: results have their own retention
+    (``[results] retention_days``), and the newest of each category outlives
+    the purge of its job's records.
+    """
+
+    __tablename__ = "results"
+    __table_args__ = (Index("ix_results_template_run", "template", "run", "subrun"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[int] = mapped_column(BigInteger, unique=True)  # one result per job: a report twice is one
+    workflow_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    template: Mapped[str] = mapped_column(String(128))
+    node: Mapped[str] = mapped_column(String(128))
+    file_name: Mapped[str] = mapped_column(String(512))
+    stream: Mapped[str] = mapped_column(String(128))
+    run: Mapped[int | None] = mapped_column(BigInteger)
+    subrun: Mapped[int | None] = mapped_column(BigInteger)
+    seen_at: Mapped[float] = mapped_column(Float)  # the input file's, by the watcher
+    recorded_at: Mapped[float] = mapped_column(Float, index=True)  # the dispatcher's clock
+    age_s: Mapped[float] = mapped_column(Float)  # recorded_at - seen_at
+    budget_s: Mapped[float] = mapped_column(Float)  # the template's, when the workflow was made
+    on_time: Mapped[bool] = mapped_column(Boolean)  # age_s <= budget_s
+    outdir: Mapped[str] = mapped_column(Text)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON)
+    warnings: Mapped[str] = mapped_column(Text, default="")
+
+
+class ResultMetric(Base):
+    """One named number of a result, with the range it was judged by (config over manifest)."""
+
+    __tablename__ = "result_metrics"
+    __table_args__ = (Index("ix_result_metrics_history", "template", "name", "result_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), index=True)
+    template: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(128))
+    value: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(32), default="")
+    lo: Mapped[float | None] = mapped_column(Float)
+    hi: Mapped[float | None] = mapped_column(Float)
+    in_range: Mapped[bool | None] = mapped_column(Boolean)  # None: no range to judge by
+
+
+class ResultFile(Base):
+    """A plot or file a result lists: where it is, and its size and sha256 when the job finished."""
+
+    __tablename__ = "result_files"
+    __table_args__ = (Index("ix_result_files_category", "template", "category", "result_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), index=True)
+    template: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(8))  # plot or file
+    path: Mapped[str] = mapped_column(String(1024))  # relative to the result's outdir
+    category: Mapped[str] = mapped_column(String(128))
+    caption: Mapped[str] = mapped_column(String(512), default="")
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64), default="")
+
+
+class Alarm(Base):
+    """A metric of a template out of its range: raised by one result, cleared by a later one in range."""
+
+    __tablename__ = "alarms"
+
+    template: Mapped[str] = mapped_column(String(128), primary_key=True)
+    metric: Mapped[str] = mapped_column(String(128), primary_key=True)
+    raised: Mapped[bool] = mapped_column(Boolean, index=True)
+    value: Mapped[float] = mapped_column(Float)
+    lo: Mapped[float | None] = mapped_column(Float)
+    hi: Mapped[float | None] = mapped_column(Float)
+    result_id: Mapped[int] = mapped_column(BigInteger)  # the result that last decided it (no key: purged later)
+    # When the input file of that result was seen: a result of an older file arriving late decides nothing.
+    seen_at: Mapped[float] = mapped_column(Float)
+    raised_at: Mapped[float | None] = mapped_column(Float)
+    cleared_at: Mapped[float | None] = mapped_column(Float)
+
+
 def normalise_url(url: str) -> str:
     """Use psycopg (version 3) for PostgreSQL URLs that name no driver."""
     for prefix in ("postgres://", "postgresql://"):

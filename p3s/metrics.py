@@ -85,6 +85,13 @@ TEMPLATE_BUDGET = Gauge(
     ["template"],
 )
 
+# 1 while a DQM metric of a template is out of its expected range (config over manifest), 0 once a later
+# result has it back in range; set from the alarms table, so every dispatcher exports the same.
+DQM_ALARM = Gauge(
+    "p3s_dqm_alarm", "1 while a template's DQM metric is out of its expected range, 0 once back in range.",
+    ["template", "metric"],
+)
+
 # The watcher's own.
 EVENTS_PUBLISHED = Counter("p3s_watcher_events_published", "Data events published and confirmed.", ["source"])
 WATCHER_BACKLOG = Gauge("p3s_watcher_backlog", "Data events waiting for the broker.")

@@ -24,6 +24,7 @@ from p3s.dispatcher.catalogue import Active
 from p3s.dispatcher.context import Context
 from p3s.errors import ReportRefused
 from p3s.messages import Control, JobReport, Task, new_token, token_hash
+from p3s.results.record import record_result
 from p3s.states import TERMINAL_JOB_STATES, JobState, WorkflowState
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,10 @@ def apply_job_report(session: Session, report: JobReport, ctx: Context) -> list[
         "reason": report.reason or None,
         "ended_at": report.ended_at,
     }
-    _moved, tasks = move_job(session, report.job_id, new, ctx, **fields)
+    moved, tasks = move_job(session, report.job_id, new, ctx, **fields)
+    if moved and new == JobState.FINISHED and report.results is not None:
+        # In the transaction that ends the job: its results are recorded with its end, or neither is.
+        record_result(session, report.job_id, report.results, ctx)
     return tasks
 
 

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from p3s.db import FileRecord, Job, Pilot, StagePriority, TemplateRecord, Workflow
 from p3s.errors import ConfigError
+from p3s.results.retention import protected_workflows, purge_results
 from p3s.states import PilotState, WorkflowState
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class PurgeCounts:
     output_dirs: int = 0
     log_files: int = 0
     log_dirs: int = 0
+    results: int = 0  # DQM result records, and the files they list deleted ([results] delete_files)
+    result_files: int = 0
     batches: int = 0
     total: dict[str, int] = field(default_factory=dict)
 
@@ -229,6 +232,8 @@ def purge(
     batch_size: int = DEFAULT_BATCH_SIZE,
     dry_run: bool = False,
     progress: Progress | None = None,
+    results_cutoff: float | None = None,
+    delete_result_files: bool = False,
 ) -> PurgeCounts:
     """Delete records older than ``cutoff`` (epoch seconds), batch by batch; return the counts.
 
@@ -236,13 +241,18 @@ def purge(
     workflow of theirs still runs; pilots last seen before the cutoff go
     unless idle or busy; deleted template versions go once no workflow points
     at them.  Output directories of purged workflows under ``output_root`` and
-    log files older than the cutoff under ``log_root`` are removed as well.
+    log files older than the cutoff under ``log_root`` are removed as well,
+    but for the output directories that hold the files of results still on
+    record (see :mod:`p3s.results.retention`).  With ``results_cutoff``,
+    result records older than it go too (and, with ``delete_result_files``,
+    the files they list), always keeping the newest of each category.
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     counts = PurgeCounts(dry_run=dry_run, cutoff=cutoff)
     with Session(engine) as s:
         counts.total = count_old(s, cutoff)
+        protected = protected_workflows(s, cutoff if results_cutoff is None else results_cutoff, delete_result_files)
 
     # Keyset pagination on the file id: each batch starts after the last id of
     # the one before, so a dry run (which deletes nothing) also moves on, and
@@ -260,7 +270,8 @@ def purge(
         # Only once the rows are gone: a directory removed before a failed
         # commit would leave records pointing at nothing.
         if output_root is not None:
-            counts.output_dirs += _remove_workflow_dirs(output_root, wf_ids, dry_run)
+            counts.output_dirs += _remove_workflow_dirs(output_root, [w for w in wf_ids if w not in protected],
+                                                        dry_run)
         if log_root is not None:
             counts.log_dirs += _remove_workflow_dirs(log_root, wf_ids, dry_run)
         if dry_run:
@@ -276,6 +287,10 @@ def purge(
     with Session(engine) as s, s.begin():
         counts.pilots = _purge_pilots(s, cutoff, dry_run)
         counts.templates = _purge_templates(s, cutoff, dry_run)
+    if results_cutoff is not None:
+        # After the workflows: a result whose files stay waits for its workflow's records to go.
+        gone = purge_results(engine, results_cutoff, delete_result_files, dry_run, batch_size)
+        counts.results, counts.result_files = gone.results, gone.result_files
     if log_root is not None:
         with Session(engine) as s:
             files, dirs = _purge_old_logs(s, log_root, cutoff, dry_run, would_go)
@@ -283,7 +298,7 @@ def purge(
         counts.log_dirs += dirs
     log.info(
         "purge%s: %d files, %d workflows, %d jobs, %d pilots, %d templates, %d output dirs, "
-        "%d log files in %d batch(es)",
+        "%d log files, %d results, %d result files in %d batch(es)",
         " (dry run)" if dry_run else "",
         counts.files,
         counts.workflows,
@@ -292,6 +307,8 @@ def purge(
         counts.templates,
         counts.output_dirs,
         counts.log_files,
+        counts.results,
+        counts.result_files,
         counts.batches,
     )
     return counts

@@ -38,6 +38,7 @@ from p3s.dispatcher.catalogue import Catalogue
 from p3s.dispatcher.context import Context, IdAllocator
 from p3s.errors import BrokerUnavailable, ConfigError, InvalidMessage, ReportRefused
 from p3s.messages import DataEvent, PilotReport, SourcesReport, Task, UncarriableEvent, encode, parse_status
+from p3s.results.record import export_alarms
 from p3s.states import JobState, PilotState
 
 log = logging.getLogger(__name__)
@@ -527,6 +528,7 @@ class Dispatcher(broker.ReconnectingConsumer):
         """Queue depths, pilots and the oldest queued task; and whether to shed new files."""
         with Session(self.engine) as session:
             metrics.export_templates(tpl for _rec, tpl in self.catalogue.active(session).templates)
+            export_alarms(session)
             for state in PilotState:
                 count = session.scalar(select(func.count()).select_from(Pilot).where(Pilot.state == state))
                 metrics.PILOTS.labels(state).set(count or 0)

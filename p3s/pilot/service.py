@@ -38,6 +38,7 @@ from p3s.pilot.contain import Containment
 from p3s.pilot.identity import payload_identity
 from p3s.pilot.runner import KillRequest, Outcome, log_path, root_problem, run_payload
 from p3s.pilot.stagein import stage_in
+from p3s.results.manifest import read_results, refused_results
 from p3s.states import JobState, PilotState
 
 log = logging.getLogger(__name__)
@@ -454,8 +455,27 @@ class Pilot(broker.ReconnectingConsumer):
                 reason=outcome.reason,
                 started_at=outcome.started_at,
                 ended_at=outcome.ended_at,
+                results=self._results(task) if outcome.state == JobState.FINISHED else None,
             ),
         )
+
+    def _results(self, task: Task) -> dict[str, Any] | None:
+        """The results manifest the finished payload left in its output directory, if any.
+
+        A bad manifest is a warning on the job, never a failure: it travels as
+        a refused result with the reason, and the job still finishes.
+        """
+        outdir = task.values.get("outdir")
+        if not isinstance(outdir, str) or not outdir:
+            return None
+        try:
+            found = read_results(outdir, self.settings.results.manifest_max_bytes)
+        except Exception as exc:  # noqa: BLE001 -- the job finished: it must be reported so
+            log.error("job %s: results manifest not read", task.job_id, exc_info=True)
+            found = refused_results(f"manifest not read: unexpected {type(exc).__name__}")
+        for warning in (found or {}).get("warnings", []):
+            log.warning("job %s: results: %s", task.job_id, warning)
+        return found
 
     # -- reporting ------------------------------------------------------------
 
