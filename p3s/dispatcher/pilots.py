@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from p3s.db import Pilot
@@ -13,6 +15,24 @@ from p3s.messages import PilotReport
 from p3s.states import PilotState
 
 log = logging.getLogger(__name__)
+
+
+def preload(session: Session, pilot_ids: Iterable[str]) -> list[Pilot]:
+    """Load the records of ``pilot_ids`` with one query, so that applying a batch of their reports asks no more.
+
+    Without it each report costs two round trips in turn: ``session.get``
+    flushes the previous report's update (autoflush), then selects its own
+    row.  With a thousand pilots heartbeating, that is a hundred of each per
+    second, paid at the database's latency.  Loaded here, the rows come from
+    the session's identity map, and their updates go out together at commit.
+    The caller keeps the list returned while it applies the reports: the
+    identity map holds unchanged rows only weakly.
+    """
+    ids = sorted(set(pilot_ids))
+    loaded: list[Pilot] = []
+    for start in range(0, len(ids), 1000):
+        loaded.extend(session.scalars(select(Pilot).where(Pilot.id.in_(ids[start:start + 1000]))))
+    return loaded
 
 
 def apply_pilot_report(session: Session, report: PilotReport, ctx: Context, user: str = "") -> None:

@@ -326,6 +326,8 @@ class Dispatcher(broker.ReconnectingConsumer):
         tasks: list[Task] = []
         ended = False
         again: set[int] = set()
+        # One query for every pilot reporting, kept referenced while the reports are applied.
+        known = pilots.preload(session, [i.payload.pilot_id for i in items if isinstance(i.payload, PilotReport)])
         for item in items:
             report = item.payload
             item.refusal = None
@@ -348,6 +350,7 @@ class Dispatcher(broker.ReconnectingConsumer):
             # A job that ended may have freed a slot of a stage with max_running.
             tasks.extend(jobs.release_held(session, ctx))
         tasks.extend(jobs.unpublished_tasks(session, ctx, jobs.workflows_of_jobs(session, again)))
+        del known
         return tasks
 
     def _expire(self, session: Session, items: Sequence[Item], ctx: Context) -> list[Task]:
