@@ -92,6 +92,7 @@ class Group:
     dispatcher: Dispatcher | None = None
     watcher: Watcher | None = None
     pilots: list[Pilot] = field(default_factory=list)
+    web: Any = None  # p3s.web.app.WebServer: imported only when asked for, it brings Starlette
     threads: list[threading.Thread] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
 
@@ -117,9 +118,11 @@ class Group:
             self._thread(f"pilot-{pilot.id}", lambda p=pilot: _run_pilot(p))  # type: ignore[misc]
         if self.watcher is not None:
             self._thread("watcher", self.watcher.run)
+        if self.web is not None:
+            self._thread("web", self.web.run)
 
     def stop(self) -> None:
-        for part in (self.watcher, self.dispatcher, *self.pilots):
+        for part in (self.watcher, self.dispatcher, *self.pilots, self.web):
             if part is not None:
                 part.should_stop = True
 

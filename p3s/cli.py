@@ -595,6 +595,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     metrics.serve(settings.metrics)
     group = build_group(settings, sources, args.pilots, reload_settings=lambda: load_settings(args.config))
+    if args.web:
+        from p3s.web.app import WebServer
+
+        group.web = WebServer(settings, args.bind, engine=group.dispatcher.engine if group.dispatcher else None)
     try:
         return _run_group(group, reload_settings=lambda: load_settings(args.config))
     finally:
@@ -712,7 +716,17 @@ def cmd_pilot(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from p3s.demo import run_demo
 
-    return run_demo(files=args.files, pilots=args.pilots, keep=args.keep)
+    web = (args.bind or "") if args.web else None
+    return run_demo(files=args.files, pilots=args.pilots, keep=args.keep, web=web)
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from p3s import metrics
+    from p3s.web.app import serve
+
+    settings = settings_of(args)
+    metrics.serve(settings.metrics)
+    return serve(settings, args.bind)
 
 
 # -- the parser ---------------------------------------------------------------------
@@ -865,18 +879,28 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--pattern", default="*", help="glob of file names to publish (with --watch)")
         q.add_argument("--stream", default="raw", help="stream of the files (with --watch)")
 
+    def web_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--web", action="store_true", help="serve the web monitor beside the pipeline")
+        q.add_argument("--bind", default=None, metavar="HOST:PORT", help="with --web: where (default: web.bind)")
+
     q = sub.add_parser("run", help="watcher, dispatcher and pilots in one process")
     watch_options(q)
     q.add_argument("--pilots", type=int, default=2, help="pilots to run in-process (0: they run elsewhere)")
     q.add_argument("--queues", default=None,
                    help="comma-separated task queues of the pilots (default: every queue the templates use)")
+    web_options(q)
     q.set_defaults(func=cmd_run)
 
     q = sub.add_parser("demo", help="a self-contained demonstration on the embedded default")
     q.add_argument("--files", type=int, default=5)
     q.add_argument("--pilots", type=int, default=2)
     q.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    web_options(q)
     q.set_defaults(func=cmd_demo)
+
+    q = sub.add_parser("web", help="the web monitor: live pages and a JSON API; operator actions behind a login")
+    q.add_argument("--bind", default=None, metavar="HOST:PORT", help="where to listen (default: web.bind)")
+    q.set_defaults(func=cmd_web)
 
     q = sub.add_parser("dispatcher", help="run the dispatcher daemon")
     q.set_defaults(func=cmd_dispatcher)

@@ -48,8 +48,14 @@ DEMO_TEMPLATE = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
-def run_demo(files: int = 5, pilots: int = 2, keep: bool = False, timeout_s: float = 60.0) -> int:
-    """Run watcher, dispatcher and pilots in-process, drop files, wait, print a summary."""
+def run_demo(
+    files: int = 5, pilots: int = 2, keep: bool = False, timeout_s: float = 60.0, web: str | None = None
+) -> int:
+    """Run watcher, dispatcher and pilots in-process, drop files, wait, print a summary.
+
+    ``web`` (HOST:PORT, or "" for ``web.bind``): serve the web monitor beside them, and keep
+    everything running after the files are done, until Ctrl-C.
+    """
     from p3s import app
     from p3s.dispatcher import admin
 
@@ -68,6 +74,10 @@ def run_demo(files: int = 5, pilots: int = 2, keep: bool = False, timeout_s: flo
     engine = group.dispatcher.engine
     with Session(engine) as s, s.begin():
         admin.import_template(s, parse_graphml(DEMO_TEMPLATE, name="demo"))
+    if web is not None:
+        from p3s.web.app import WebServer
+
+        group.web = WebServer(settings, web or None, engine=engine)
     group.start()
     assert group.watcher is not None
     group.watcher.ready.wait(10)
@@ -96,6 +106,13 @@ def run_demo(files: int = 5, pilots: int = 2, keep: bool = False, timeout_s: flo
             if len(states) >= files and done == len(states):
                 break
             time.sleep(0.2)
+        if group.web is not None:
+            print(f"web monitor at {group.web.url}; drop more files into {incoming}; Ctrl-C to stop", flush=True)
+            try:
+                while group.alive():
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
     finally:
         group.stop()
         group.join(10)

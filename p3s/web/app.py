@@ -568,16 +568,52 @@ def create_app(settings: Settings, *, engine: Engine | None = None, broker_count
     return app
 
 
-def serve(settings: Settings, bind: str | None = None) -> None:
-    """Run the service with uvicorn until SIGTERM or Ctrl-C."""
-    import uvicorn
+class WebServer:
+    """The service under uvicorn, run in a thread beside the pipeline (``p3s run --web``, ``p3s demo --web``).
 
+    Setting ``should_stop`` (as :class:`p3s.app.Group` does for every part) makes it finish its
+    requests and return.
+    """
+
+    def __init__(self, settings: Settings, bind: str | None = None, engine: Engine | None = None) -> None:
+        import uvicorn
+
+        from p3s.config import split_bind
+
+        self.host, self.port = split_bind(bind or settings.web.bind, "--bind" if bind else "web.bind")
+        app = create_app(settings, engine=engine)
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", access_log=False,
+                                proxy_headers=False, timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/"
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.server.should_exit)
+
+    @should_stop.setter
+    def should_stop(self, value: bool) -> None:
+        self.server.should_exit = value
+
+    def run(self) -> None:
+        log.info("web: serving on %s", self.url)
+        try:
+            self.server.run()
+        except SystemExit:
+            # uvicorn logs why (the port taken, say) and exits: the caller must hear of it, not exit.
+            raise P3SError(f"web: cannot serve on {self.host}:{self.port} (see the error above)") from None
+
+
+def serve(settings: Settings, bind: str | None = None) -> int:
+    """Run the service with uvicorn until SIGTERM or Ctrl-C (uvicorn's own handlers, in the main thread)."""
     from p3s import db
     from p3s.config import split_bind
 
-    host, port = split_bind(bind or settings.web.bind, "--bind" if bind else "web.bind")
+    if bind:
+        split_bind(bind, "--bind")  # a typo is said before the database is asked anything
     db.check_schema(settings.database_url)
-    app = create_app(settings)
-    log.info("web: serving on http://%s:%d/", host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, proxy_headers=False,
-                timeout_graceful_shutdown=5)
+    WebServer(settings, bind).run()
+    return 0
