@@ -198,3 +198,30 @@ def test_retention_deletes_the_files_of_old_results_where_allowed(runs: Runs, en
     assert (counts.workflows, counts.results, counts.result_files) == (0, 1, 1)
     assert not png[60].exists() and png[61].exists()
     assert (png[60].parent / "not-listed.txt").exists(), "only the files a result lists"
+
+
+def test_p3s_results_lists_results_and_alarms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from p3s import cli
+
+    monkeypatch.setenv("P3S_STATE_DIR", str(tmp_path / "cli-state"))
+    monkeypatch.setenv("P3S_RESULTS_RANGES", json.dumps({"dqm": {"mean_adc": [50, 150]}}))
+    settings = make_settings(tmp_path, P3S_STATE_DIR=str(tmp_path / "cli-state"),
+                             P3S_RESULTS_RANGES=json.dumps({"dqm": {"mean_adc": [50, 150]}}))
+    db.upgrade(settings.database_url)  # the command checks the schema's revision
+    engine = db.make_engine(settings.database_url)
+    try:
+        runs = Runs(settings, engine)
+        runs.result("run70_1.hdf5", NOW - 200, 100)
+        _job, raising = runs.result("run71_2.hdf5", NOW - 100, 190, occupancy=0.95)
+    finally:
+        engine.dispose()
+    assert cli.main(["results", "--template", "dqm", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(r["run"], r["subrun"]) for r in listed] == [(71, 2), (70, 1)]
+    assert cli.main(["results", "--run", "70"]) == 0
+    text = capsys.readouterr().out
+    assert "mean_adc=100 ADC" in text and "run71" not in text
+    assert "ALARM dqm mean_adc = 190, expected [50, 150] (result %d)" % raising in text
+    assert cli.main(["results", "--alarms", "--json"]) == 0
+    assert [(a["metric"], a["result_id"]) for a in json.loads(capsys.readouterr().out)] == [("mean_adc", raising)]
