@@ -196,6 +196,25 @@ def log_path(log_root: Path, task: Task) -> Path:
     return log_root / str(task.workflow_id) / f"{task.job_id}-{task.node}.log"
 
 
+def outside_output_root(outdir: str, output_root: str) -> str:
+    """Why ``outdir`` (the dispatcher's path) cannot be this pilot's, or "" when it lies under ``output_root``.
+
+    The dispatcher names every output directory under its own output root,
+    and a pilot on another host writes there; if the two settings differ,
+    the outputs would land where this host alone sees them (its local disk,
+    say), and the jobs after it, ``p3s purge`` and the operator's host would
+    never find them.  An empty ``output_root`` (not set for this pilot) checks
+    nothing.
+    """
+    if not output_root:
+        return ""
+    root = os.path.normpath(os.path.expanduser(output_root))
+    if os.path.commonpath([root, os.path.normpath(outdir)]) == root:
+        return ""
+    return (f"its output directory {outdir} is not under this pilot's output_root {root}: the dispatcher and "
+            "every pilot must name the same shared storage, at the same path")
+
+
 class PrepareError(Exception):
     """A job could not be prepared; the message is the reason reported for it."""
 
@@ -238,13 +257,16 @@ def run_payload(
     stage_in: StageIn | None = None,
     contain: Containment | None = None,
     run_as: RunAs | None = None,
+    output_root: str = "",
 ) -> Outcome:
     """Run ``task``'s payload to its end, its wall limit, or a kill request; clean up after it.
 
     Whatever fails while the job is prepared (a full or read-only disk, a
     missing input) ends it ``failed`` with a reason that names the cause; no
     OSError leaves this function.  With ``run_as`` the payload runs as that
-    user, in a work and an output directory made its own.
+    user, in a work and an output directory made its own.  With
+    ``output_root`` (the pilot's own setting, when it names one), a job whose
+    output directory lies elsewhere fails before anything is made.
     """
     contain = contain or Containment("pilot", task.job_id)
     root = work_root or tempfile.gettempdir()
@@ -261,6 +283,9 @@ def run_payload(
         values = payload_values(task, workdir)
         outdir = values.get("outdir")
         if isinstance(outdir, str) and outdir:
+            elsewhere = outside_output_root(outdir, output_root)
+            if elsewhere:
+                raise PrepareError(elsewhere)
             with _step(f"creating the output directory {outdir}"):
                 Path(outdir).mkdir(parents=True, exist_ok=True)
             if run_as is not None:

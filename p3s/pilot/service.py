@@ -410,6 +410,7 @@ class Pilot(broker.ReconnectingConsumer):
                 blind,
                 work_root=self.settings.pilot.work_root or None,
                 log_root=self.settings.log_path,
+                output_root=self.settings.output_root,
                 on_start=lambda t: self._report_job(
                     task, JobReport(task.job_id, JobState.RUNNING, self.id, started_at=t, log=logfile)
                 ),

@@ -48,7 +48,8 @@ def start_pilot(parts: Parts, host: NetHost, pilot_id: str, tmp_path: Path) -> N
     env = parts.env(
         P3S_BROKER_URL=host.broker_url(parts.settings.broker.url),
         P3S_DATABASE_URL="",  # a pilot holds no database credentials
-        P3S_PILOT_WORK_ROOT=str(tmp_path / f"{pilot_id}-local" / "work"),
+        P3S_PILOT_WORK_ROOT=str(tmp_path / f"{pilot_id}-local" / "work"),  # this host's own disk
+        P3S_OUTPUT_ROOT=str(parts.settings.output_path),  # the shared storage, at the dispatcher's path
     )
     part = NetnsPart(host, pilot_id, ["pilot", "--id", pilot_id], env, parts.logs / f"{pilot_id}.log")
     parts.started.append(part)
