@@ -7,6 +7,7 @@ never catch ``amqp.*`` or socket errors.
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import ssl
 import threading
@@ -22,6 +23,7 @@ import kombu.exceptions
 from kombu import Connection, Exchange, Producer, Queue
 from kombu.mixins import ConsumerMixin
 
+from p3s import topology
 from p3s.config import BrokerSettings
 from p3s.errors import BrokerUnavailable
 
@@ -54,45 +56,84 @@ def turn_s(settings: BrokerSettings, longest: float = 1.0) -> float:
 ACCESS_REFUSED = amqp.exceptions.AccessRefused
 
 
+class BrokerConnection(Connection):
+    """A kombu Connection that hands how p3s's queues are declared on its broker to its clones.
+
+    kombu's consumers reconnect on clones of their connection, and
+    :mod:`p3s.topology` reads these options from the channel it declares on,
+    so whichever part declares a queue, on whichever node, declares it alike.
+    """
+
+    def __init__(self, *args: Any, topology_options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.topology_options = dict(topology_options or {})
+
+    def clone(self, **kwargs: Any) -> Connection:
+        return super().clone(**{"topology_options": self.topology_options, **kwargs})
+
+
 def connect(settings: BrokerSettings, heartbeat: float | None = None) -> Connection:
-    """A lazy kombu connection to the configured broker (nothing is sent yet)."""
-    url = settings.effective_url
+    """A lazy kombu connection to the configured broker (nothing is sent yet).
+
+    With several node URLs it is kombu's failover connection: every try that
+    fails moves it to the next node, round-robin.  For ``shuffle`` the order
+    is shuffled once here, so each connection visits every node in a pass
+    (kombu's own shuffle draws with replacement and may miss a live node).
+    """
+    options = {topology.QUEUE_TYPE: settings.queue_type, topology.TASK_QUEUE_DURABLE: settings.task_queue_durable}
     if settings.embedded:
         # kombu's in-process transport polls its queues; the default 1 s would
         # dominate every latency, so poll often.
-        return Connection(url, transport_options={"polling_interval": 0.005})
+        return BrokerConnection(settings.effective_url, transport_options={"polling_interval": 0.005},
+                                topology_options=options)
+    urls = list(settings.node_urls)
+    if settings.failover_strategy == "shuffle":
+        random.shuffle(urls)
     ssl_options: Any = False
-    if url.startswith("amqps://") or settings.ssl_ca:
+    if any(u.startswith("amqps://") for u in urls) or settings.ssl_ca:
         ssl_options = {"cert_reqs": ssl.CERT_REQUIRED}
         if settings.ssl_ca:
             ssl_options["ca_certs"] = settings.ssl_ca
         if settings.ssl_cert:
             ssl_options["certfile"] = settings.ssl_cert
             ssl_options["keyfile"] = settings.ssl_key or None
-    return Connection(
-        url,
+    return BrokerConnection(
+        urls if len(urls) > 1 else urls[0],
         heartbeat=settings.heartbeat_s if heartbeat is None else heartbeat,
         ssl=ssl_options,
         connect_timeout=5,
+        failover_strategy="round-robin",
+        topology_options=options,
     )
 
 
-def ensure_connected(connection: Connection, max_retries: int | None = 0, waiting: str = "") -> Connection:
-    """Open ``connection`` now; BrokerUnavailable (URL masked) if the broker does not answer.
+def nodes_of(connection: Connection) -> int:
+    """How many broker nodes ``connection`` may fail over between."""
+    return max(1, len(connection.alt or ()))
 
-    ``waiting``: who waits (a daemon's name); each failed try is then said at
-    WARNING, with the URL masked and the pause before the next.
+
+def ensure_connected(connection: Connection, max_retries: int | None = 0, waiting: str = "") -> Connection:
+    """Open ``connection`` now; BrokerUnavailable (URLs masked) if no node answers.
+
+    ``max_retries`` counts passes over the nodes: 0 tries each node once, so a
+    one-shot command reaches a cluster whose first node is down.  kombu
+    pauses only after a whole pass.  ``waiting``: who waits (a daemon's
+    name); each failed try is then said at WARNING, with the URL masked and
+    the pause before the next.
     """
+    nodes = nodes_of(connection)
 
     def errback(exc: BaseException, interval: float) -> None:
-        log.warning("%s: waiting for the broker at %s (%s); trying again in %.1fs",
-                    waiting, connection.as_uri(), exc, interval)
+        then = f"trying again in {interval:.1f}s" if interval else "trying the next node"
+        log.warning("%s: waiting for the broker at %s (%s); %s", waiting, connection.as_uri(), exc, then)
 
+    retries = None if max_retries is None else (max_retries + 1) * nodes - 1
     try:
-        connection.ensure_connection(errback=errback if waiting else None, max_retries=max_retries,
+        connection.ensure_connection(errback=errback if waiting else None, max_retries=retries,
                                      interval_start=0.2, interval_step=1.0, interval_max=2)
     except CONNECTION_ERRORS as exc:
-        raise BrokerUnavailable(f"cannot reach the broker at {connection.as_uri()}: {exc}") from exc
+        where = connection.as_uri() if nodes == 1 else f"any of its {nodes} nodes (last {connection.as_uri()})"
+        raise BrokerUnavailable(f"cannot reach the broker at {where}: {exc}") from exc
     return connection
 
 

@@ -30,6 +30,8 @@ EMBEDDED_BROKER_URL = "memory://"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # kombu transports p3s speaks: RabbitMQ (AMQP 0-9-1, plain or TLS) and the in-process one.
 BROKER_SCHEMES = ("amqp", "amqps", "pyamqp", "memory")
+FAILOVER_STRATEGIES = ("round-robin", "shuffle")
+QUEUE_TYPES = ("classic", "quorum")
 # P3S_* variables that are not settings: the config file's name, and what a pilot
 # gives its payloads (a payload may run p3s commands itself).
 NOT_SETTINGS_ENV = frozenset(
@@ -51,10 +53,22 @@ NOT_SETTINGS_ENV = frozenset(
 log = logging.getLogger(__name__)
 
 
+#: Where a list of broker URLs (kombu's failover list) splits: a ``;`` that
+#: starts another URL.  A ``;`` inside a password is percent-encoded there.
+_URL_LIST_SEPARATOR = re.compile(r";\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_urls(text: str) -> list[str]:
+    """The URLs of a ``;``-separated list (one URL gives a list of one)."""
+    return [u.strip() for u in _URL_LIST_SEPARATOR.split(text)]
+
+
 def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``."""
+    """Return ``url`` (or each URL of a ``;``-separated list) with any password replaced by ``***``."""
     if not url:
         return url
+    if _URL_LIST_SEPARATOR.search(url):
+        return ";".join(mask_url(u) for u in split_urls(url))
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -96,7 +110,19 @@ def _with_password(url: str, password_file: str) -> str:
 class BrokerSettings:
     """How to reach RabbitMQ; an empty url means the in-process embedded broker."""
 
+    # One node's URL, or the nodes of a cluster separated by ";" (a list in TOML):
+    # each part connects to a live one and moves to another when its node goes.
     url: str = field(default="", repr=False)
+    # Which node a part tries first: "round-robin" (in the order given) or
+    # "shuffle" (an order of its own per connection, spreading the parts).
+    failover_strategy: str = "round-robin"
+    # "classic", or "quorum" (a cluster): the dispatcher's queues (events,
+    # status, expired) and p3s.invalid are replicated quorum queues.  The task
+    # queues stay classic, for their priorities.
+    queue_type: str = "classic"
+    # false in a cluster: task queues are then transient, so RabbitMQ deletes
+    # one with its node and the next declare puts it on a live node.
+    task_queue_durable: bool = True
     password_file: str = ""
     heartbeat_s: float = 30.0
     # Per task queue; 0 leaves the queue unbounded.  When full, RabbitMQ drops
@@ -121,7 +147,14 @@ class BrokerSettings:
     def effective_url(self) -> str:
         if self.embedded:
             return EMBEDDED_BROKER_URL
-        return _with_password(self.url, self.password_file)
+        return ";".join(self.node_urls)
+
+    @property
+    def node_urls(self) -> tuple[str, ...]:
+        """Each node's URL, with the password from password_file put in."""
+        if self.embedded:
+            return (EMBEDDED_BROKER_URL,)
+        return tuple(_with_password(u, self.password_file) for u in split_urls(self.url))
 
     def __repr__(self) -> str:
         return f"BrokerSettings(url={mask_url(self.url)!r})"
@@ -480,6 +513,12 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from exc
+    broker = data.get("broker")
+    if isinstance(broker, dict) and isinstance(broker.get("url"), list):
+        # The nodes of a cluster as a TOML list: the same as the ";"-separated string.
+        if not all(isinstance(u, str) for u in broker["url"]):
+            raise ConfigError(f"broker.url: expected URL strings, got {mask_url(str(broker['url']))!r}")
+        broker["url"] = ";".join(broker["url"])
     for key, value in _environment_overrides(environ).items():
         if isinstance(value, dict):
             data.setdefault(key, {}).update(value)
@@ -498,12 +537,7 @@ def _validate(s: Settings) -> None:
     if s.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {s.log_level!r}")
     if not s.broker.embedded:
-        scheme = s.broker.url.split("://", 1)[0].lower() if "://" in s.broker.url else ""
-        if scheme not in BROKER_SCHEMES:
-            raise ConfigError(
-                f"broker.url: {mask_url(s.broker.url)!r} is not a broker URL p3s can use: it must start with "
-                "amqp:// or amqps:// (RabbitMQ), or be empty for the embedded broker"
-            )
+        _validate_broker(s.broker)
     for stream, fraction in s.sampling.items():
         if not 0.0 <= fraction <= 1.0:
             raise ConfigError(f"sampling.{stream}: fraction must be between 0 and 1, got {fraction}")
@@ -546,6 +580,25 @@ def _validate_results(r: ResultsSettings) -> None:
         raise ConfigError(f"results.retention_days: must be a positive number of days, got {r.retention_days}")
     if r.manifest_max_bytes < 1:
         raise ConfigError("results.manifest_max_bytes: must be positive")
+
+
+def _validate_broker(b: BrokerSettings) -> None:
+    urls = split_urls(b.url)
+    for url in urls:
+        if ";" in url or not url:
+            raise ConfigError(f"broker.url: {mask_url(b.url)!r}: a ';' may only separate two node URLs "
+                              "(write a ';' in a password as %3B)")
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme not in BROKER_SCHEMES or (scheme == "memory" and len(urls) > 1):
+            raise ConfigError(
+                f"broker.url: {mask_url(url)!r} is not a broker URL p3s can use: it must start with "
+                "amqp:// or amqps:// (RabbitMQ; several nodes separated by ';'), or be empty for the embedded broker"
+            )
+    if b.failover_strategy not in FAILOVER_STRATEGIES:
+        raise ConfigError(f"broker.failover_strategy: must be one of {', '.join(FAILOVER_STRATEGIES)}, "
+                          f"got {b.failover_strategy!r}")
+    if b.queue_type not in QUEUE_TYPES:
+        raise ConfigError(f"broker.queue_type: must be one of {', '.join(QUEUE_TYPES)}, got {b.queue_type!r}")
 
 
 # -- writing settings back as TOML ---------------------------------------------------------

@@ -6,12 +6,84 @@ idempotent, so parts may start in any order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from copy import copy
+from typing import Any
 
+import amqp.exceptions
 from kombu import Connection, Exchange, Queue
+
+from p3s.errors import ConfigError
 
 MAX_PRIORITY = 9
 INVALID_MAX_LENGTH = 10_000
+
+# How the queues are declared on a broker (BrokerSettings.queue_type and
+# task_queue_durable): options of the connection, which p3s.broker.connect
+# sets and its clones keep, read from the channel a queue is declared on.
+QUEUE_TYPE = "queue_type"
+TASK_QUEUE_DURABLE = "task_queue_durable"
+
+
+def _options(channel: Any) -> Mapping[str, Any]:
+    # An amqp channel's connection, or kombu's virtual transport, knows its kombu Connection as .client.
+    client = getattr(getattr(channel, "connection", None), "client", None)
+    return getattr(client, "topology_options", None) or {}
+
+
+class _DeclaredQueue(Queue):
+    """A queue whose declaration depends on the broker it is declared on (see :meth:`declared_as`)."""
+
+    def declared_as(self, options: Mapping[str, Any]) -> Queue:
+        return self
+
+    def queue_declare(self, nowait: bool = False, passive: bool = False, channel: Any = None) -> Any:
+        channel = channel or self.channel
+        queue = self if passive else self.declared_as(_options(channel))
+        try:
+            if queue is self:
+                return super().queue_declare(nowait=nowait, passive=passive, channel=channel)
+            return Queue.queue_declare(queue, nowait=nowait, passive=passive, channel=channel)
+        except amqp.exceptions.PreconditionFailed as exc:
+            if "inequivalent arg" not in str(exc):
+                raise
+            # RabbitMQ never changes an existing queue's type or durability.
+            options = _options(channel)
+            raise ConfigError(
+                f"queue {self.name} exists on the broker with other arguments than broker.queue_type = "
+                f"{options.get(QUEUE_TYPE, 'classic')!r} and broker.task_queue_durable = "
+                f"{str(options.get(TASK_QUEUE_DURABLE, True)).lower()} give it ({exc.reply_text}). RabbitMQ "
+                f"cannot change a queue's type or durability in place: stop every p3s part, let the dispatcher "
+                f"drain the queue, delete it (rabbitmqctl delete_queue -p VHOST {self.name}) and start again, "
+                f"or go back to the settings that made it"
+            ) from exc
+
+
+class KeptQueue(_DeclaredQueue):
+    """A queue that must not lose a confirmed message: a quorum queue where queue_type is quorum."""
+
+    def declared_as(self, options: Mapping[str, Any]) -> Queue:
+        if options.get(QUEUE_TYPE, "classic") != "quorum":
+            return self
+        typed = copy(self)
+        typed.queue_arguments = {**(self.queue_arguments or {}), "x-queue-type": "quorum"}
+        return typed
+
+
+class TaskQueue(_DeclaredQueue):
+    """A classic priority queue, transient where task_queue_durable is false.
+
+    A classic queue lives on one node.  Durable, it can be neither used nor
+    declared anywhere else while that node is down; transient, RabbitMQ
+    deletes it with its node and the next declare makes it on a live node.
+    """
+
+    def declared_as(self, options: Mapping[str, Any]) -> Queue:
+        if options.get(TASK_QUEUE_DURABLE, True):
+            return self
+        transient = copy(self)
+        transient.durable = False
+        return transient
 
 events_exchange = Exchange("p3s.events", type="topic", durable=True)
 tasks_exchange = Exchange("p3s.tasks", type="direct", durable=True)
@@ -25,21 +97,21 @@ control_exchange = Exchange("p3s.control", type="direct", durable=True)
 # A body the dispatcher cannot parse is rejected without requeue and lands here.
 _to_invalid = {"x-dead-letter-exchange": invalid_exchange.name}
 
-events_queue = Queue(
+events_queue = KeptQueue(
     "p3s.dispatcher.events",
     events_exchange,
     routing_key="file.#",
     durable=True,
     queue_arguments=_to_invalid,
 )
-status_queue = Queue(
+status_queue = KeptQueue(
     "p3s.dispatcher.status",
     status_exchange,
     routing_key="#",
     durable=True,
     queue_arguments=_to_invalid,
 )
-expired_queue = Queue(
+expired_queue = KeptQueue(
     "p3s.dispatcher.expired",
     expired_exchange,
     routing_key="",
@@ -47,7 +119,7 @@ expired_queue = Queue(
     queue_arguments=_to_invalid,
 )
 # Bounded: it is for inspection, and a flood of garbage must not fill the disk.
-invalid_queue = Queue(
+invalid_queue = KeptQueue(
     "p3s.invalid",
     invalid_exchange,
     routing_key="",
@@ -92,7 +164,7 @@ def task_queue(name: str, max_length: int = 0) -> Queue:
     if max_length:
         args["x-max-length"] = max_length
         args["x-overflow"] = "drop-head"
-    return Queue(
+    return TaskQueue(
         f"p3s.tasks.{name}",
         tasks_exchange,
         routing_key=name,
