@@ -187,10 +187,14 @@ def _check_declared(
         )
 
 
-def parse_graphml(data: str | bytes, name: str | None = None, limits: TemplateLimits | None = None) -> Template:
+def parse_graphml(
+    data: str | bytes, name: str | None = None, limits: TemplateLimits | None = None, default_name: str | None = None
+) -> Template:
     """Parse and validate a GraphML template; TemplateError says what is wrong where.
 
     `limits` (default: TemplateLimits()) bounds the document and the values in it.
+    The name is `name`, else the graph's `name` attribute, else `default_name`
+    (an uploaded file's name, say).
     """
     limits = limits or TemplateLimits()
     scan_graphml(data, limits)
@@ -206,7 +210,7 @@ def parse_graphml(data: str | bytes, name: str | None = None, limits: TemplateLi
     refuse_unknown(None, set(gattrs) - set(_GRAPH_ATTRS), _GRAPH_ATTRS)
     for attr in gattrs:
         _check_declared(None, "graph", attr, GRAPH_SPEC[attr][0], declared)
-    tname = name if name is not None else gattrs.get("name")
+    tname = name if name is not None else gattrs.get("name", default_name)
     if tname is None:
         raise TemplateError("template has no name: pass one or set the graph attribute 'name'")
     for attr in ("trigger", "budget_s"):

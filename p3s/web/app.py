@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import jinja2
 from sqlalchemy.engine import Engine
@@ -209,7 +210,7 @@ class Web:
 
         def html(request: Request) -> Response:
             if not self.may_view(request):
-                return RedirectResponse(f"/login?next={request.url.path}", 303)
+                return RedirectResponse(f"/login?next={quote(request.url.path)}", 303)
             value = data(request)
             extra = page(request, value) if page else {}
             return self.render(request, template, data=value, **extra)
@@ -227,7 +228,7 @@ class Web:
     def viewer(self, fn: Callable[[Request], Response]) -> Callable[[Request], Response]:
         def endpoint(request: Request) -> Response:
             if not self.may_view(request):
-                return RedirectResponse(f"/login?next={request.url.path}", 303)
+                return RedirectResponse(f"/login?next={quote(request.url.path)}", 303)
             return fn(request)
 
         return endpoint
@@ -419,7 +420,9 @@ class Web:
         upload.file.seek(0)
         data = upload.file.read(limits.max_bytes + 1)
         name = _field(form, "name").strip() or None
-        tpl = parse_graphml(data, name=name, limits=limits)
+        # Without a name given or in the graph: the file's, as "tpc_dqm" for tpc_dqm.graphml.
+        stem = Path(upload.filename or "").name.split(".", 1)[0] or None
+        tpl = parse_graphml(data, name=name, limits=limits, default_name=stem)
         (line,) = self._edit(admin.import_templates, [tpl])
         log.info("operator %s imported template %s: %s", who, tpl.name, line)
         return line
@@ -460,7 +463,7 @@ class Web:
 
     async def set_priority(self, request: Request) -> Response:
         return await self.action(request, self.do_priority,
-                                 lambda form: f"/templates/{_field(form, 'template')}#priorities")
+                                 lambda form: f"/templates/{quote(_field(form, 'template'), safe='')}#priorities")
 
     async def cancel_workflow(self, request: Request) -> Response:
         ident = path_id(request)

@@ -211,10 +211,15 @@ def test_an_operator_uploads_deletes_and_cancels_as_the_cli_does(world: World) -
     world.login()
     token = world.csrf("/templates")
     upload = graphml({"only": {"command": "true"}}, trigger="up*.raw", name="uploaded")
-    answer = client.post("/templates/import", data={"csrf_token": token, "name": "uploaded"},
-                         files={"file": ("up.graphml", upload.encode(), "application/xml")}, follow_redirects=False)
+    # The graph names no template: the file's name does, unless the form gives one.
+    answer = client.post("/templates/import", data={"csrf_token": token},
+                         files={"file": ("uploaded.graphml", upload.encode(), "application/xml")},
+                         follow_redirects=False)
     assert answer.status_code == 303
     assert "template uploaded version 1" in client.get("/templates").text
+    answer = client.post("/templates/import", data={"csrf_token": token, "name": "uploaded"},
+                         files={"file": ("other.graphml", upload.encode(), "application/xml")})
+    assert "template uploaded version 1: unchanged, no new version" in answer.text
     bad = client.post("/templates/import", data={"csrf_token": token},
                       files={"file": ("x.graphml", b"<graphml><graph><node id='a'/>", "application/xml")})
     assert bad.status_code == 400
