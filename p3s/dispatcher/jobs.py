@@ -30,6 +30,8 @@ from p3s.states import TERMINAL_JOB_STATES, JobState, WorkflowState
 log = logging.getLogger(__name__)
 
 NOT_PUBLISHED = "not published"
+#: The ends only a payload's pilot reports: a job in one of them ran to its end on that pilot.
+PILOT_ENDS = (JobState.FINISHED, JobState.FAILED, JobState.TIMEOUT)
 
 
 def check_report(job: Job, report: JobReport, holder: bool = True) -> None:
@@ -220,6 +222,23 @@ def _locked_workflow(session: Session, workflow_id: int) -> Workflow:
     ).one()
 
 
+def lock_in_order(session: Session, ended: Collection[int], reported: Collection[int]) -> None:
+    """Lock, before a batch of reports changes anything, the workflows and jobs it will change.
+
+    The workflows of the jobs in ``ended`` (their joins are decided), then the
+    jobs in ``reported``, each by id.  Two dispatchers taking the same rows in
+    the orders their batches happen to have would deadlock (PostgreSQL breaks
+    the tie only after its ``deadlock_timeout``, a second, by failing one
+    batch); taken in one order, the second batch waits for the first to
+    commit, then sees its changes.
+    """
+    if ended:
+        of_jobs = select(Job.workflow_id).where(Job.id.in_(sorted(set(ended))))
+        session.execute(select(Workflow.id).where(Workflow.id.in_(of_jobs)).order_by(Workflow.id).with_for_update())
+    if reported:
+        session.execute(select(Job.id).where(Job.id.in_(sorted(set(reported)))).order_by(Job.id).with_for_update())
+
+
 def move_job(session: Session, job_id: int, new: JobState, ctx: Context, **fields: object) -> tuple[bool, list[Task]]:
     """Move one job to ``new`` if that is a legal move; advance its workflow if it ended.
 
@@ -310,7 +329,12 @@ def _job_started(session: Session, report: JobReport, ctx: Context) -> list[Task
                       report.pilot_id)
             return []
         check_report(job, report, holder=False)
-        if JobState(job.state).terminal:
+        if job.state in PILOT_ENDS and job.pilot_id == report.pilot_id:
+            # This pilot's own end report overtook its start (two dispatchers took
+            # one each): the job ended as the pilot said; nothing to stop.
+            log.debug("job %s: running report from pilot %s after its end report, job is %s", job.id,
+                      report.pilot_id, job.state)
+        elif JobState(job.state).terminal:
             # Its task was still in a queue when the job ended (cancelled by the
             # operator, say): the payload now runs for nothing, so stop it.
             ctx.orders.append(Control("cancel_job", report.pilot_id, job_id=job.id))

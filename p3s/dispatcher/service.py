@@ -49,6 +49,8 @@ QUEUE_HEADER = "p3s-queue"
 REASON_MAX = 1000
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 10.0
+#: PostgreSQL's deadlock_detected and serialization_failure: a race lost, not a fault of the batch.
+RACE_SQLSTATES = ("40P01", "40001")
 
 
 def task_message(task: Task, now: float) -> Outgoing:
@@ -98,6 +100,12 @@ class Item:
     note: str = ""  # an event's refusal reason, or a dead letter's death reason
     # Set while recording: this message is refused (kind, reason) once the batch commits.
     refusal: tuple[str, str] | None = None
+
+
+def _registry_key(item: Item) -> tuple[int, str]:
+    """The order in which a batch touches watchers' and pilots' rows (sorted() keeps each one's own order)."""
+    report = item.payload
+    return (0, report.host) if isinstance(report, SourcesReport) else (1, report.pilot_id)
 
 
 def sender(message: Message) -> str:
@@ -326,18 +334,20 @@ class Dispatcher(broker.ReconnectingConsumer):
         tasks: list[Task] = []
         ended = False
         again: set[int] = set()
-        # One query for every pilot reporting, kept referenced while the reports are applied.
-        known = pilots.preload(session, [i.payload.pilot_id for i in items if isinstance(i.payload, PilotReport)])
-        for item in items:
+        # Another dispatcher may be recording reports on the same rows at the same
+        # time.  Every batch takes its row locks in one order, so the two may wait
+        # for each other but never in a cycle (a deadlock, which PostgreSQL breaks
+        # only after a second): first the workflows and jobs reported on, locked up
+        # front by id; last the watchers' and pilots' rows, applied in key order.
+        job_items = [i for i in items if not isinstance(i.payload, (SourcesReport, PilotReport))]
+        registry = sorted((i for i in items if isinstance(i.payload, (SourcesReport, PilotReport))),
+                          key=_registry_key)
+        jobs.lock_in_order(session, [i.payload.job_id for i in job_items if JobState(i.payload.state).terminal],
+                           [i.payload.job_id for i in job_items])
+        for item in job_items:
             report = item.payload
             item.refusal = None
             try:
-                if isinstance(report, SourcesReport):
-                    sources.apply_sources_report(session, report, ctx)
-                    continue
-                if isinstance(report, PilotReport):
-                    pilots.apply_pilot_report(session, report, ctx, sender(item.message))
-                    continue
                 # The checks come before any change, so a refused report leaves nothing behind.
                 tasks.extend(jobs.apply_job_report(session, report, ctx))
             except ReportRefused as exc:
@@ -350,6 +360,17 @@ class Dispatcher(broker.ReconnectingConsumer):
             # A job that ended may have freed a slot of a stage with max_running.
             tasks.extend(jobs.release_held(session, ctx))
         tasks.extend(jobs.unpublished_tasks(session, ctx, jobs.workflows_of_jobs(session, again)))
+        # One query for every pilot reporting, kept referenced while the reports are applied.
+        known = pilots.preload(session, [i.payload.pilot_id for i in registry if isinstance(i.payload, PilotReport)])
+        for item in registry:
+            item.refusal = None
+            try:
+                if isinstance(item.payload, SourcesReport):
+                    sources.apply_sources_report(session, item.payload, ctx)
+                else:
+                    pilots.apply_pilot_report(session, item.payload, ctx, sender(item.message))
+            except ReportRefused as exc:
+                item.refusal = (exc.kind, str(exc))
         del known
         return tasks
 
@@ -415,6 +436,14 @@ class Dispatcher(broker.ReconnectingConsumer):
                 log.info("dispatcher: batch raced another dispatcher, retrying (%d)", attempt + 1)
                 last = exc
             except (OperationalError, DBAPIError) as exc:
+                if getattr(exc.orig, "sqlstate", None) in RACE_SQLSTATES:
+                    # A deadlock or serialisation failure with another dispatcher (or an
+                    # operator's command): PostgreSQL rolled the batch back and is fine,
+                    # so try again at once rather than wait as for an outage.
+                    log.info("dispatcher: batch rolled back by the database (%s), retrying (%d)",
+                             printable(str(exc.orig).splitlines()[0], 200), attempt + 1)
+                    last = exc
+                    continue
                 if isinstance(exc, OperationalError) or exc.connection_invalidated:
                     raise DatabaseLost(str(exc.orig or exc)) from exc
                 raise Refused(f"the database refused it: {printable(str(exc.orig or exc))}") from exc
@@ -423,6 +452,9 @@ class Dispatcher(broker.ReconnectingConsumer):
             except Exception as exc:  # noqa: BLE001 - a message handler is total (STYLE 15)
                 log.error("dispatcher: unexpected error recording a batch", exc_info=True)
                 raise Refused(f"unexpected error: {exc!r}") from exc
+        if isinstance(last, DBAPIError) and getattr(last.orig, "sqlstate", None) in RACE_SQLSTATES:
+            # Not the messages' fault: they wait and are tried again, never refused.
+            raise DatabaseLost(str(last.orig))
         raise Refused(f"the database refused it: {printable(str(last))}")
 
     def _database_wait(self) -> float:
