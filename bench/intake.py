@@ -19,9 +19,16 @@ confirms.  Afterwards the dispatcher's batches are read back from the database
 (every file of one batch has the same ``received_at``): their count, size and
 the time each took.
 
+With ``--dispatchers N`` (N > 1, processes only) the same measurement runs
+twice in one invocation, each on a fresh vhost and database: once with one
+dispatcher and once with N ``python -m p3s dispatcher`` processes sharing the
+database and the events queue; the two are printed side by side, with the
+CPU seconds the dispatchers used (from /proc, before they are stopped).
+
 Usage::
 
     python bench/intake.py                      # 10 000 events, dispatcher in a child process
+    python bench/intake.py --dispatchers 2      # one, then two dispatchers, in the same run
     python bench/intake.py --mode threads --events 5000 --json out.json
 
 Run by hand only; nothing here asserts on time.
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -49,11 +57,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=["threads", "processes"], default="processes",
                    help="dispatcher as python -m p3s dispatcher (default) or in a thread of this process")
     p.add_argument("--events", type=int, default=10_000, help="data events published at once (default 10000)")
+    p.add_argument("--dispatchers", type=int, default=1,
+                   help="also measure with this many dispatcher processes, after one (default 1: one only)")
     p.add_argument("--publish-batch", type=int, default=500, help="events per confirmed publish (default 500)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the dispatcher (default 300)")
     p.add_argument("--log-level", default="WARNING", help="p3s log level (default WARNING)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE ('-': stdout)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dispatchers < 1:
+        p.error("--dispatchers must be at least 1")
+    if args.dispatchers > 1 and args.mode != "processes":
+        p.error("--dispatchers above 1 needs --mode processes (dispatchers share a database, not a process)")
+    return args
 
 
 def diamond() -> str:
@@ -92,6 +107,7 @@ class Progress:
         return workflows, broker.queue_depth(self.connection, topology.task_queue("default"))
 
     def consumers(self) -> int:
+        """Consumers on p3s.dispatcher.events: one per running dispatcher."""
         from p3s import topology
 
         channel = self.connection.channel()
@@ -147,7 +163,29 @@ def batches(engine: Any, prefix: str) -> dict[str, float]:
     }
 
 
-def measure(args: argparse.Namespace, broker_url: str, database_url: str, tmp: Path) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc), nan if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def floor(args: argparse.Namespace, broker_url: str, database_url: str) -> dict[str, float]:
+    """The servers' own rates on this run's scratch vhost and database, before any dispatcher starts."""
+    pg_rows_s, pg_one_s = common.pg_insert_rate(database_url, args.events)
+    pub_loop, pub_stored = common.publish_rate(broker_url, args.events)
+    return {
+        "pg_rows_per_s_one_txn": pg_rows_s,
+        "pg_one_row_txn_ms": 1000 * pg_one_s,
+        "publish_no_confirm_loop_per_s": pub_loop,
+        "publish_no_confirm_stored_per_s": pub_stored,
+    }
+
+
+def measure(args: argparse.Namespace, broker_url: str, database_url: str, tmp: Path,
+            dispatchers: int = 1) -> dict[str, Any]:
     from p3s import app, db
     from p3s.broker import Publisher
     from p3s.config import load_settings
@@ -156,18 +194,18 @@ def measure(args: argparse.Namespace, broker_url: str, database_url: str, tmp: P
     settings = load_settings(None, env)
     common.prepare_database(database_url, diamond(), TEMPLATE)
 
-    pg_rows_s, pg_one_s = common.pg_insert_rate(database_url, args.events)
-    pub_loop, pub_stored = common.publish_rate(broker_url, args.events)
-
     engine = db.make_engine(database_url)
     children: common.Children | None = None
     group: Any = None
     progress = Progress(settings, engine)
     publisher = Publisher(settings.broker, exchanges=[])
+    cpu_before: list[float] = []
+    cpu_after: list[float] = []
     try:
         if args.mode == "processes":
             children = common.Children(env, tmp)
-            children.start("dispatcher", "dispatcher")
+            for i in range(dispatchers):
+                children.start(f"dispatcher-{i}", "dispatcher")
             check = children.check
         else:
             group = app.Group(dispatcher=app.make_dispatcher(settings))
@@ -178,21 +216,25 @@ def measure(args: argparse.Namespace, broker_url: str, database_url: str, tmp: P
                     raise RuntimeError(f"the dispatcher stopped: {group.errors[0]!r}")
 
         end = time.monotonic() + 60
-        while progress.consumers() < 1:
+        while progress.consumers() < dispatchers:
             check()
             if time.monotonic() > end:
-                raise RuntimeError("the dispatcher did not start consuming")
+                raise RuntimeError(f"{dispatchers} dispatcher(s) did not start consuming")
             time.sleep(0.1)
-        # Warm-up: opens the publishers' connections and fills the template cache.
-        publisher.publish(events("warm-", 1))
-        wait_counts(progress, 1, 60, check, time.perf_counter())
+        # Warm-up: opens the publishers' connections and fills the template cache
+        # (of every dispatcher: one event each is not guaranteed, so a few).
+        publisher.publish(events("warm-", 2 * dispatchers))
+        wait_counts(progress, 2 * dispatchers, 60, check, time.perf_counter())
 
+        pids = [proc.pid for _label, proc, _log in children.procs] if children is not None else [os.getpid()]
+        cpu_before = [cpu_seconds(pid) for pid in pids]
         messages = events("intake-", args.events)
         t0 = time.perf_counter()
         for i in range(0, len(messages), args.publish_batch):
             publisher.publish(messages[i : i + args.publish_batch])
         t_published = time.perf_counter() - t0
-        t_wf, t_tasks = wait_counts(progress, args.events + 1, args.timeout, check, t0)
+        t_wf, t_tasks = wait_counts(progress, args.events + 2 * dispatchers, args.timeout, check, t0)
+        cpu_after = [cpu_seconds(pid) for pid in pids]
         shape = batches(engine, "intake-")
     finally:
         publisher.close()
@@ -205,8 +247,10 @@ def measure(args: argparse.Namespace, broker_url: str, database_url: str, tmp: P
             group.dispatcher.engine.dispose()
         engine.dispose()
     t_done = max(t_wf, t_tasks)
+    cpu = [b - a for a, b in zip(cpu_before, cpu_after, strict=True)]
     return {
         "mode": args.mode,
+        "dispatchers": dispatchers,
         "events": args.events,
         "published_s": t_published,
         "publish_rate": args.events / t_published,
@@ -214,15 +258,59 @@ def measure(args: argparse.Namespace, broker_url: str, database_url: str, tmp: P
         "tasks_s": t_tasks,
         "done_s": t_done,
         "files_per_s": args.events / t_done,
+        # In threads mode this is the whole benchmark process, publisher and poller included.
+        "dispatcher_cpu_s": cpu,
+        "files_per_cpu_s": args.events / sum(cpu) if cpu and sum(cpu) > 0 else float("nan"),
         "dispatcher_batches": shape,
-        "floor": {
-            "pg_rows_per_s_one_txn": pg_rows_s,
-            "pg_one_row_txn_ms": 1000 * pg_one_s,
-            "publish_no_confirm_loop_per_s": pub_loop,
-            "publish_no_confirm_stored_per_s": pub_stored,
-        },
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """One dispatcher, then ``--dispatchers`` of them, each on a scratch vhost and database of its own."""
+    runs: dict[int, dict[str, Any]] = {}
+    first_floor: dict[str, float] = {}
+    for n in sorted({1, args.dispatchers}):
+        with (
+            common.scratch_vhost("p3s-bench-intake") as broker_url,
+            common.scratch_database("p3s_bench_intake") as database_url,
+            tempfile.TemporaryDirectory(prefix="p3s-bench-intake-") as tmp,
+        ):
+            if not first_floor:
+                first_floor = floor(args, broker_url, database_url)
+            runs[n] = measure(args, broker_url, database_url, Path(tmp), n)
+    # The first run's figures stay at the top level, as before --dispatchers.
+    return {**runs[1], "floor": first_floor, "by_dispatchers": {str(n): r for n, r in runs.items()}}
+
+
+def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
+    where = "child processes (python -m p3s dispatcher)" if args.mode == "processes" else "a thread of this process"
+    runs = [r["by_dispatchers"][k] for k in sorted(r["by_dispatchers"], key=int)]
+    f = r["floor"]
+    print(f"p3s intake: {r['events']} data events at once, 4-node diamond, no pilots, dispatchers in {where}")
+    print(f"  {'':44s}" + "".join(f"{str(x['dispatchers']) + ' dispatcher' + ('s' if x['dispatchers'] > 1 else ''):>16s}"
+                                  for x in runs))
+
+    def row(label: str, values: list[str]) -> None:
+        print(f"  {label:44s}" + "".join(f"{v:>16s}" for v in values))
+
+    row(f"published (confirmed, batches of {args.publish_batch}), s", [f"{x['published_s']:.2f}" for x in runs])
+    row("all workflows in the database, s", [f"{x['workflows_s']:.2f}" for x in runs])
+    row("all root tasks in p3s.tasks.default, s", [f"{x['tasks_s']:.2f}" for x in runs])
+    row("intake rate, files/s (goal >= 1000)", [f"{x['files_per_s']:.0f}" for x in runs])
+    row("dispatcher CPU, s (each)", [" + ".join(f"{c:.1f}" for c in x["dispatcher_cpu_s"]) for x in runs])
+    row("files per dispatcher CPU second", [f"{x['files_per_cpu_s']:.0f}" for x in runs])
+    row("dispatcher batches", [str(x["dispatcher_batches"]["batches"]) for x in runs])
+    row("mean batch size (max)", [f"{x['dispatcher_batches']['mean_size']:.0f} ({x['dispatcher_batches']['max_size']})"
+                                  for x in runs])
+    row("ms per batch, ms per event in batches", [
+        f"{x['dispatcher_batches']['mean_ms_per_batch']:.0f}, {x['dispatcher_batches']['ms_per_event_in_batches']:.2f}"
+        for x in runs])
+    print("floor, same run (before the first dispatcher started):")
+    print(f"  PostgreSQL, {r['events']} rows in one transaction {f['pg_rows_per_s_one_txn']:8.0f} rows/s")
+    print(f"  PostgreSQL, one-row transaction        {f['pg_one_row_txn_ms']:8.2f} ms")
+    print(f"  kombu publish without confirms, loop   {f['publish_no_confirm_loop_per_s']:8.0f} msg/s")
+    print(f"  ... until all are in the queue         {f['publish_no_confirm_stored_per_s']:8.0f} msg/s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,30 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(threadName)s %(levelname)s %(message)s")
     common.interrupt_on_sigterm()
     try:
-        with (
-            common.scratch_vhost("p3s-bench-intake") as broker_url,
-            common.scratch_database("p3s_bench_intake") as database_url,
-            tempfile.TemporaryDirectory(prefix="p3s-bench-intake-") as tmp,
-        ):
-            r = measure(args, broker_url, database_url, Path(tmp))
+        r = run_all(args)
     except KeyboardInterrupt:
         print("interrupted; scratch vhost and database removed", file=sys.stderr)
         return 130
-    where = "a child process (python -m p3s dispatcher)" if args.mode == "processes" else "a thread of this process"
-    f, b = r["floor"], r["dispatcher_batches"]
-    print(f"p3s intake: {r['events']} data events at once, 4-node diamond, no pilots, dispatcher in {where}")
-    print(f"  published (confirmed, batches of {args.publish_batch}) {r['published_s']:8.2f} s  "
-          f"{r['publish_rate']:8.0f} events/s")
-    print(f"  all workflows in the database      {r['workflows_s']:8.2f} s")
-    print(f"  all root tasks in p3s.tasks.default {r['tasks_s']:7.2f} s")
-    print(f"  intake rate                        {r['files_per_s']:8.0f} files/s   (goal >= 1000)")
-    print(f"  dispatcher batches: {b['batches']}, mean size {b['mean_size']:.0f} (max {b['max_size']}), "
-          f"{b['mean_ms_per_batch']:.1f} ms per batch, {b['ms_per_event_in_batches']:.3f} ms per event")
-    print("floor, same run:")
-    print(f"  PostgreSQL, {r['events']} rows in one transaction {f['pg_rows_per_s_one_txn']:8.0f} rows/s")
-    print(f"  PostgreSQL, one-row transaction        {f['pg_one_row_txn_ms']:8.2f} ms")
-    print(f"  kombu publish without confirms, loop   {f['publish_no_confirm_loop_per_s']:8.0f} msg/s")
-    print(f"  ... until all are in the queue         {f['publish_no_confirm_stored_per_s']:8.0f} msg/s")
+    report(args, r)
     if args.json:
         common.dump_json(args.json, r)
     return 0
