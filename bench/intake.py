@@ -29,6 +29,7 @@ Usage::
 
     python bench/intake.py                      # 10 000 events, dispatcher in a child process
     python bench/intake.py --dispatchers 2      # one, then two dispatchers, in the same run
+    python bench/intake.py --row-sizes          # and PostgreSQL's bytes per file, workflow and job row
     python bench/intake.py --mode threads --events 5000 --json out.json
 
 Run by hand only; nothing here asserts on time.
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--events", type=int, default=10_000, help="data events published at once (default 10000)")
     p.add_argument("--dispatchers", type=int, default=1,
                    help="also measure with this many dispatcher processes, after one (default 1: one only)")
+    p.add_argument("--row-sizes", action="store_true",
+                   help="after the one-dispatcher run, give the rows production-shaped values (ProtoDUNE-like names"
+                        " and paths, every job finished) and print PostgreSQL's bytes per file, workflow and job row")
     p.add_argument("--publish-batch", type=int, default=500, help="events per confirmed publish (default 500)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the dispatcher (default 300)")
     p.add_argument("--log-level", default="WARNING", help="p3s log level (default WARNING)")
@@ -266,10 +270,49 @@ def measure(args: argparse.Namespace, broker_url: str, database_url: str, tmp: P
     }
 
 
+#: ProtoDUNE-HD-like raw file names and EOS paths, for --row-sizes (lengths are what matters: 78 and 180).
+RAW_NAME = "'np04hd_raw_run' || lpad(id::text, 6, '0') || '_0001_dataflow0_datawriter_0_20261202T064014.hdf5'"
+RAW_DIR = "/eos/experiment/neutplatform/protodune/dune/hd-protodune/raw/2026/detector/physics/None/00/02/78/05/"
+SIZED = ("files", "workflows", "jobs")
+
+
+def row_sizes(database_url: str) -> dict[str, dict[str, float]]:
+    """Bytes per row (heap, TOAST and every index: pg_total_relation_size) once the records look like production's.
+
+    Each job row is updated as a pilot's reports would (pilot, log path,
+    times, exit code, token hash); "bloated" is measured right after those
+    updates (dead row versions not yet reclaimed), "packed" after VACUUM FULL.
+    A table under autovacuum settles between the two.
+    """
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"UPDATE files SET name = {RAW_NAME}, dedup_key = {RAW_NAME}, path = '{RAW_DIR}' || {RAW_NAME},"
+                     " size = 4000000000, source = 'eos-poll'")
+        conn.execute("UPDATE workflows SET state = 'finished', ended_at = created_at + 60")
+        conn.execute(
+            "UPDATE jobs SET state = 'finished', pilot_id = 'np04-wn-' || lpad((id % 300)::text, 3, '0')"
+            " || '.cern.ch-' || (100000 + id % 899999) || '-7f067e', exit_code = 0,"
+            " log = '/eos/experiment/neutplatform/protodune/p3s/logs/' || workflow_id || '/' || node || '.log',"
+            " queued_at = created_at, published_at = created_at + 0.01, started_at = created_at + 1,"
+            " ended_at = created_at + 30, token_hash = md5(id::text) || md5(workflow_id::text)"
+        )
+        out: dict[str, dict[str, float]] = {}
+        for phase in ("bloated", "packed"):
+            if phase == "packed":
+                conn.execute("VACUUM FULL ANALYZE " + ", ".join(SIZED))
+            for table in SIZED:
+                rows, size = conn.execute(
+                    f"SELECT count(*), pg_total_relation_size('{table}') FROM {table}").fetchone()  # type: ignore[misc]
+                out.setdefault(table, {"rows": rows})[f"{phase}_bytes_per_row"] = size / max(rows, 1)
+    return out
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """One dispatcher, then ``--dispatchers`` of them, each on a scratch vhost and database of its own."""
     runs: dict[int, dict[str, Any]] = {}
     first_floor: dict[str, float] = {}
+    sizes: dict[str, dict[str, float]] = {}
     for n in sorted({1, args.dispatchers}):
         with (
             common.scratch_vhost("p3s-bench-intake") as broker_url,
@@ -279,8 +322,13 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             if not first_floor:
                 first_floor = floor(args, broker_url, database_url)
             runs[n] = measure(args, broker_url, database_url, Path(tmp), n)
+            if n == 1 and args.row_sizes:
+                sizes = row_sizes(database_url)
     # The first run's figures stay at the top level, as before --dispatchers.
-    return {**runs[1], "floor": first_floor, "by_dispatchers": {str(n): r for n, r in runs.items()}}
+    out = {**runs[1], "floor": first_floor, "by_dispatchers": {str(n): r for n, r in runs.items()}}
+    if args.row_sizes:
+        out["row_sizes"] = sizes
+    return out
 
 
 def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
@@ -313,6 +361,13 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     print(f"  ... until all are in the queue         {f['publish_no_confirm_stored_per_s']:8.0f} msg/s")
 
 
+def report_sizes(sizes: dict[str, dict[str, float]]) -> None:
+    print("PostgreSQL bytes per row, production-shaped (pg_total_relation_size: heap, TOAST, indexes):")
+    for table, s in sizes.items():
+        print(f"  {table:10s} {int(s['rows']):7d} rows   {s['packed_bytes_per_row']:6.0f} packed   "
+              f"{s['bloated_bytes_per_row']:6.0f} right after the jobs' updates")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(threadName)s %(levelname)s %(message)s")
@@ -323,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; scratch vhost and database removed", file=sys.stderr)
         return 130
     report(args, r)
+    if "row_sizes" in r:
+        report_sizes(r["row_sizes"])
     if args.json:
         common.dump_json(args.json, r)
     return 0
