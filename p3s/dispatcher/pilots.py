@@ -17,34 +17,35 @@ from p3s.states import PilotState
 log = logging.getLogger(__name__)
 
 
-def preload(session: Session, pilot_ids: Iterable[str]) -> list[Pilot]:
-    """Load the records of ``pilot_ids`` with one query, so that applying a batch of their reports asks no more.
+def preload(session: Session, pilot_ids: Iterable[str]) -> dict[str, Pilot]:
+    """The records of ``pilot_ids`` that exist, by id, with one query: pass it to :func:`apply_pilot_report`.
 
     Without it each report costs two round trips in turn: ``session.get``
-    flushes the previous report's update (autoflush), then selects its own
+    flushes the previous report's change (autoflush), then selects its own
     row.  With a thousand pilots heartbeating, that is a hundred of each per
-    second, paid at the database's latency.  Loaded here, the rows come from
-    the session's identity map, and their updates go out together at commit.
-    The caller keeps the list returned while it applies the reports: the
-    identity map holds unchanged rows only weakly.
+    second, paid at the database's latency.  With it, a batch of reports asks
+    one query, and their updates and new pilots go out together at commit.
     """
     ids = sorted(set(pilot_ids))
-    loaded: list[Pilot] = []
+    known: dict[str, Pilot] = {}
     for start in range(0, len(ids), 1000):
-        loaded.extend(session.scalars(select(Pilot).where(Pilot.id.in_(ids[start:start + 1000]))))
-    return loaded
+        known.update((p.id, p) for p in session.scalars(select(Pilot).where(Pilot.id.in_(ids[start:start + 1000]))))
+    return known
 
 
-def apply_pilot_report(session: Session, report: PilotReport, ctx: Context, user: str = "") -> None:
+def apply_pilot_report(session: Session, report: PilotReport, ctx: Context, user: str = "",
+                       known: dict[str, Pilot] | None = None) -> None:
     """Create or refresh a pilot's record from its registration, heartbeat or goodbye.
 
     ``last_seen`` is the dispatcher's time of receipt: the reaper compares it
     with its own clock, and a worker node's clock may be off.  The pilot's own
     ``sent_at`` only orders its reports.  ``user`` is the broker account that
     sent the report (RabbitMQ's validated user_id): a pilot's reports must all
-    come from the account it registered with.
+    come from the account it registered with.  ``known``: the batch's pilots
+    from :func:`preload` (a pilot not in it has no record yet), kept up to date
+    here.
     """
-    pilot = session.get(Pilot, report.pilot_id)
+    pilot = session.get(Pilot, report.pilot_id) if known is None else known.get(report.pilot_id)
     state = PilotState.STOPPED if report.event == "stop" else PilotState(report.state)
     if pilot is None:
         pilot = Pilot(
@@ -62,6 +63,8 @@ def apply_pilot_report(session: Session, report: PilotReport, ctx: Context, user
             user=user,
         )
         session.add(pilot)
+        if known is not None:
+            known[pilot.id] = pilot
         log.info("pilot %s: registered from %s pid %s, queues %s", pilot.id, report.host, report.pid, pilot.queues)
         return
     if not pilot.user:

@@ -360,7 +360,7 @@ class Dispatcher(broker.ReconnectingConsumer):
             # A job that ended may have freed a slot of a stage with max_running.
             tasks.extend(jobs.release_held(session, ctx))
         tasks.extend(jobs.unpublished_tasks(session, ctx, jobs.workflows_of_jobs(session, again)))
-        # One query for every pilot reporting, kept referenced while the reports are applied.
+        # One query for every pilot reporting, not two per report.
         known = pilots.preload(session, [i.payload.pilot_id for i in registry if isinstance(i.payload, PilotReport)])
         for item in registry:
             item.refusal = None
@@ -368,10 +368,9 @@ class Dispatcher(broker.ReconnectingConsumer):
                 if isinstance(item.payload, SourcesReport):
                     sources.apply_sources_report(session, item.payload, ctx)
                 else:
-                    pilots.apply_pilot_report(session, item.payload, ctx, sender(item.message))
+                    pilots.apply_pilot_report(session, item.payload, ctx, sender(item.message), known)
             except ReportRefused as exc:
                 item.refusal = (exc.kind, str(exc))
-        del known
         return tasks
 
     def _expire(self, session: Session, items: Sequence[Item], ctx: Context) -> list[Task]:
