@@ -38,14 +38,19 @@ PAYLOAD = ROOT / "config" / "templates" / "dqm_payload.py"
 SHIPPED_COMMAND = "python3 /opt/p3s/config/templates/dqm_payload.py"
 
 
-def publish(broker_url: str, path: Path) -> None:
-    """The data event a watcher would publish for ``path``."""
-    settings = load_settings(None, {"P3S_BROKER_URL": broker_url})
-    publisher = Publisher(settings.broker, exchanges=[events_exchange], queues=[invalid_queue, events_queue])
-    try:
-        publisher.publish([event_message(DataEvent(path.name, str(path), "raw", time.time(), source="test"))])
-    finally:
-        publisher.close()
+class Events:
+    """Publishes the data events a watcher would, for the files of the test, on one connection."""
+
+    def __init__(self, broker_url: str) -> None:
+        settings = load_settings(None, {"P3S_BROKER_URL": broker_url})
+        self.publisher = Publisher(settings.broker, exchanges=[events_exchange], queues=[invalid_queue, events_queue])
+
+    def publish(self, *paths: Path) -> None:
+        self.publisher.publish([event_message(DataEvent(p.name, str(p), "raw", time.time(), source="test"))
+                                for p in paths])
+
+    def close(self) -> None:
+        self.publisher.close()
 
 
 def alarm_gauges(port: int) -> dict[tuple[str, str], float]:
@@ -57,42 +62,50 @@ def alarm_gauges(port: int) -> dict[tuple[str, str], float]:
             for s in family.samples}
 
 
-def test_results_of_two_runs_an_alarm_and_its_clearing(tmp_path: Path, broker_url: str, database_url: str) -> None:
+def test_results_of_two_runs_an_alarm_and_its_clearing(tmp_path: Path, broker_url: str, database_url: str,
+                                                       request: pytest.FixtureRequest) -> None:
     ranges = json.dumps({"dqm_results": {"mean_adc": [50, 150]}})
     settings = make_settings(tmp_path, broker_url, database_url, P3S_RESULTS_RANGES=ranges)
     shipped = TEMPLATE.read_text()
     assert SHIPPED_COMMAND in shipped
-    # The shipped file names where config/ is installed; here it is this tree, run by this interpreter.
-    import_template(settings, shipped.replace(SHIPPED_COMMAND, f"{sys.executable} {PAYLOAD}"), name="dqm_results")
     data = tmp_path / "data"
     data.mkdir()
     port = free_port()
 
     with Parts(tmp_path, settings, P3S_RESULTS_RANGES=ranges) as parts:
+        pilot = parts.start("pilot", "pilot")  # it needs no database: it starts while the template is imported
+        # The shipped file names where config/ is installed; here it is this tree, run by this interpreter.
+        import_template(settings, shipped.replace(SHIPPED_COMMAND, f"{sys.executable} {PAYLOAD}"),
+                        name="dqm_results")
         dispatcher = parts.start("dispatcher", "dispatcher", P3S_METRICS_PORT=str(port))
-        pilot = parts.start("pilot", "pilot")
+
+        events = Events(broker_url)
+        request.addfinalizer(events.close)
 
         def results() -> list[dict[str, Any]]:
             return parts.query(query.list_results, template="dqm_results")
 
-        def process(name: str, byte: int) -> dict[str, Any]:
-            """One file whose every byte is ``byte``: its result once recorded."""
-            path = data / name
-            path.write_bytes(bytes([byte]) * 4096)
+        def process(*files: tuple[str, int]) -> list[dict[str, Any]]:
+            """Files whose every byte is the number given: their results once recorded, newest first."""
+            paths = []
+            for name, byte in files:
+                paths.append(data / name)
+                paths[-1].write_bytes(bytes([byte]) * 4096)
             before = len(results())
-            publish(broker_url, path)
-            parts.wait_for(lambda: len(results()) > before, timeout=30, what=f"the result of {name}",
-                           alive=[dispatcher, pilot])
-            newest = results()[0]
-            assert newest["file"] == name
+            events.publish(*paths)
+            parts.wait_for(lambda: len(results()) >= before + len(files), timeout=30,
+                           what=f"the results of {', '.join(name for name, _ in files)}", alive=[dispatcher, pilot])
+            newest = results()[: len(files)]
+            assert {r["file"] for r in newest} == {name for name, _ in files}
             return newest
 
-        first = process("np04_raw_run000101_0001.hdf5", 100)
-        process("np04_raw_run000101_0002.hdf5", 100)
-        raising = process("np04_raw_run000102_0001.hdf5", 180)
+        first = min(process(("np04_raw_run000101_0001.hdf5", 100), ("np04_raw_run000101_0002.hdf5", 100)),
+                    key=lambda r: r["file"])
+        (raising,) = process(("np04_raw_run000102_0001.hdf5", 180))
 
         listed = parts.json("results", "--template", "dqm_results")
-        assert [(r["run"], r["subrun"]) for r in listed] == [(102, 1), (101, 2), (101, 1)]
+        assert sorted((r["run"], r["subrun"]) for r in listed) == [(101, 1), (101, 2), (102, 1)]
+        assert listed[0]["id"] == raising["id"], "newest first"
         assert [r["run"] for r in parts.query(query.list_results, run=101)] == [101, 101]
         assert all(r["on_time"] and 0 <= r["age_s"] <= r["budget_s"] == 300 for r in listed)
         metrics = {m["name"]: m for m in raising["metrics"]}
@@ -111,7 +124,7 @@ def test_results_of_two_runs_an_alarm_and_its_clearing(tmp_path: Path, broker_ur
                        what="the alarm in the dispatcher's /metrics")
         assert alarm_gauges(port).get(("dqm_results", "occupancy"), 0.0) == 0.0
 
-        process("np04_raw_run000102_0002.hdf5", 100)
+        process(("np04_raw_run000102_0002.hdf5", 100))
         parts.wait_for(lambda: alarm_gauges(port).get(("dqm_results", "mean_adc")) == 0.0, timeout=10,
                        what="the alarm cleared in the dispatcher's /metrics")
         assert parts.query(query.list_alarms) == []
