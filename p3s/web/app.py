@@ -144,7 +144,8 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(when=_when, secs=_secs, share=_share, txt=lambda v: "-" if v is None else safe(str(v)))
+    env.filters.update(when=_when, secs=_secs, share=_share, txt=lambda v: "-" if v is None else safe(str(v)),
+                       basename=lambda v: str(v).rsplit("/", 1)[-1])
     return env
 
 

@@ -154,7 +154,7 @@ def test_untrusted_names_are_text_everywhere(world: World) -> None:
     for path in ("/files", "/workflows", f"/workflows/{wf['id']}", "/jobs", f"/jobs/{job['id']}", "/"):
         html = client.get(path).text
         assert "<script>alert" not in html and "<b>bold" not in html, path
-        if path not in ("/", "/jobs"):  # the two that show no file name
+        if path != "/":  # the one that shows no file name
             assert "&lt;script&gt;alert(1)&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt;" in html, path
     # The failure's reason is text too.
     assert "&lt;i&gt;broken&lt;/i&gt;" in client.get("/").text
@@ -332,3 +332,17 @@ def test_svg_pictures_are_well_formed_and_carry_names_only_as_text() -> None:
     assert plot.get("id") == "latency-plot"
     assert {p.get("data-series") for p in plot.findall(".//s:polyline", ns)} == {"seen_to_started",
                                                                                  "seen_to_complete"}
+
+
+def test_the_overview_answers_and_says_so_when_the_broker_does_not(tmp_path: Path, schema: Path) -> None:
+    w = World(tmp_path, schema, P3S_BROKER_URL="amqp://guest:guest@127.0.0.1:9/")  # the discard port: refused
+    try:
+        client = TestClient(create_app(w.settings, engine=w.engine))
+        answer = client.get("/")
+        assert answer.status_code == 200
+        assert re.search(r'id="queues-note">broker unreachable: [^<]*127\.0\.0\.1:9', answer.text)
+        assert "guest:guest" not in answer.text  # the password masked
+        data = client.get("/api/overview").json()
+        assert data["broker_unreachable"] and all(q["depth"] is None for q in data["queues"])
+    finally:
+        w.engine.dispose()
