@@ -1,0 +1,207 @@
+"""A real pipeline with ``p3s web`` beside it, for the web service's browser and API tests.
+
+Dispatcher, watcher, pilot and ``p3s web`` run as separate processes on
+RabbitMQ and PostgreSQL, each module on a vhost and a database of its own.
+Starting them costs seconds, so the fixtures here are module-scoped: one
+pipeline (and one browser) per test module, shared by its tests in order.
+
+A missing server, Playwright or Chromium skips on a laptop and fails in CI
+(``CI=true``), like every integration test.  Screenshots go under
+``$P3S_ARTIFACTS`` (default ``test-artifacts/`` in the repository).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from sqlalchemy.orm import Session
+
+from p3s import db
+from p3s.dispatcher import admin
+from tests.conftest import PG_ADMIN_URL, RABBITMQ_HOST, RABBITMQ_PORT, rabbitmqctl, unavailable
+from tests.pgserver import free_port
+from tests.procs import ROOT, Part, Parts, import_template
+from tests.stack import make_settings
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+OPERATOR = "alice"
+PASSWORD = "correct horse battery staple"
+
+
+def artifacts_dir() -> Path:
+    """Where the tests leave what a person may want to look at afterwards (screenshots)."""
+    path = Path(os.environ.get("P3S_ARTIFACTS") or ROOT / "test-artifacts") / "web"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def module_broker_url(rabbitmq_available: None) -> Iterator[str]:
+    """A fresh vhost for one test module, deleted afterwards."""
+    vhost = f"p3s-test-{uuid.uuid4().hex[:10]}"
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{quote(vhost, safe='')}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="module")
+def module_database_url(postgres_available: None) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test module, dropped afterwards."""
+    import psycopg
+
+    name = f"p3s_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class WebPipeline:
+    """Dispatcher, watcher, one pilot and ``p3s web``, each a process, on one broker vhost and one database."""
+
+    def __init__(self, tmp_path: Path, broker_url: str, database_url: str,
+                 templates: Mapping[str, str], **extra: str) -> None:
+        self.watch = tmp_path / "incoming"
+        self.watch.mkdir()
+        self.password_file = tmp_path / "web-passwords"
+        self.password_file.write_text(f"{OPERATOR}:{PASSWORD}\n")
+        self.password_file.chmod(0o600)
+        self.settings = make_settings(tmp_path, broker_url, database_url)
+        for name, text in templates.items():
+            import_template(self.settings, text, name=name)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        # No secret_file: the service makes its signing key in the state directory, as on a fresh install.
+        self.parts = Parts(tmp_path, self.settings, P3S_WEB_PASSWORD_FILE=str(self.password_file), **extra)
+        self.every: list[Part] = []
+
+    def start(self) -> WebPipeline:
+        parts = self.parts
+        # The schema is already at head (import_template upgraded it), so the parts may start together.
+        dispatcher = parts.start("dispatcher", "dispatcher")
+        pilot = parts.start("pilot", "pilot", "--queues", "default", "--id", "web-pilot", P3S_DATABASE_URL="")
+        watcher = parts.start("watcher", "watcher", "--watch", str(self.watch))
+        self.web = parts.start("web", "web", "--bind", f"127.0.0.1:{self.port}")
+        self.every = [dispatcher, pilot, watcher, self.web]
+        parts.wait_for(lambda: dispatcher.log_has("dispatcher: consuming on") and pilot.log_has("waiting for tasks")
+                       and watcher.log_has("watcher: following") and self._healthy(),
+                       alive=self.every, timeout=60, what="the parts and the web service to start")
+        return self
+
+    def _healthy(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(self.url("/healthz"), timeout=2).json().get("ok") is True
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def api(self, path: str, **params: Any) -> Any:
+        """The JSON of ``GET /api/<path>``; fails the test on any status but 200."""
+        import httpx
+
+        response = httpx.get(self.url("/api/" + path.lstrip("/")), params=params, timeout=10)
+        assert response.status_code == 200, f"GET {response.url}: {response.status_code} {response.text[:2000]}"
+        return response.json()
+
+    def edit(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(session, *args)`` in one committed transaction on the pipeline's database."""
+        engine = db.make_engine(self.settings.database_url)
+        try:
+            with Session(engine) as session, session.begin():
+                return fn(session, *args)
+        finally:
+            engine.dispose()
+
+    def cli(self, *args: str) -> Any:
+        """``p3s <args> --json`` with the pipeline's settings, parsed."""
+        return self.parts.json(*args)
+
+    def cli_many(self, *commands: list[str]) -> list[Any]:
+        """:meth:`cli` for each command, side by side: each is a process of a second or more."""
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(lambda args: self.cli(*args), commands))
+
+    def jobs_of(self, workflow_id: int) -> list[dict[str, Any]]:
+        """A workflow's jobs, read in this process (for polling; the CLI is for what a test asserts)."""
+        return self.parts.query(admin.list_jobs, limit=100000, workflow_id=workflow_id)
+
+    def workflow_of(self, file_name: str) -> dict[str, Any]:
+        """The workflow made for ``file_name``, once the dispatcher has made it (read in this process)."""
+        return self.wait_for(lambda: next((w for w in self.parts.query(admin.list_workflows, limit=100000)
+                                           if Path(w["file"]).name == file_name), None),
+                             what=f"the workflow of {file_name}")
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+        return self.parts.wait_for(predicate, timeout=timeout, what=what, alive=self.every)
+
+    def write(self, name: str, data: bytes = b"x") -> Path:
+        """A complete file in the watched directory, as the DAQ leaves it."""
+        path = self.watch / name
+        path.write_bytes(data)
+        return path
+
+    def stop(self) -> None:
+        self.parts.stop_all()
+
+
+def refused(web: WebPipeline) -> dict[str, int]:
+    """The web service's counts of refused requests, by reason (from ``/healthz``)."""
+    import httpx
+
+    return dict(httpx.get(web.url("/healthz"), timeout=5).json()["refused"])
+
+
+def csrf_of(html: str) -> str:
+    """The value of the first ``csrf_token`` field in a page."""
+    found = re.search(r'name="csrf_token"[^>]*value="([^"]+)"|value="([^"]+)"[^>]*name="csrf_token"', html)
+    assert found, "no csrf_token field in the page"
+    return found.group(1) or found.group(2)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright; one per test module."""
+    try:
+        from playwright.sync_api import Error, sync_playwright
+    except ImportError:
+        unavailable("Playwright", "the playwright package is not installed (pip install -e '.[test]')")
+    if not os.access(CHROMIUM, os.X_OK):
+        unavailable("Chromium", f"no {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        except Error as exc:
+            unavailable("Chromium", f"{CHROMIUM} did not start: {exc}")
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def screenshot(page: Any, name: str) -> Path:
+    """A full-page screenshot of ``page`` under the artifacts directory."""
+    path = artifacts_dir() / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
