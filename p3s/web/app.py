@@ -564,8 +564,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None, broker_count
 
     app = Starlette(
         routes=web.routes(),
+        # SameSite=Lax, not Strict: a shifter arriving by a link from elsewhere keeps the session (a Strict
+        # cookie would not be sent, and the page's fresh CSRF token would replace the operator's session).
+        # Forms are guarded by their CSRF token, not by the cookie's SameSite.
         middleware=[Middleware(SessionMiddleware, secret_key=auth.secret_key(settings), session_cookie="p3s_session",
-                               max_age=SESSION_MAX_AGE_S, same_site="strict", https_only=False)],
+                               max_age=SESSION_MAX_AGE_S, same_site="lax", https_only=False)],
         exception_handlers={HTTPException: http_error, NotFound: not_found, OperationalError: unavailable},
     )
     app.state.web = web
