@@ -71,6 +71,16 @@ class BrokerConnection(Connection):
     def clone(self, **kwargs: Any) -> Connection:
         return super().clone(**{"topology_options": self.topology_options, **kwargs})
 
+    @property
+    def connection(self) -> Any:
+        # kombu opens a lost connection again on its next use, trying the next
+        # node: a consumer would then drain a connection on which it has no
+        # consumers, and wait for ever.  Say it was lost instead, so that the
+        # consumer's reconnect makes a new connection with new consumers.
+        if self._connection is not None and not self._closed and not self.connected:
+            raise amqp.exceptions.RecoverableConnectionError(f"connection to the broker at {self.as_uri()} lost")
+        return super().connection
+
 
 def connect(settings: BrokerSettings, heartbeat: float | None = None) -> Connection:
     """A lazy kombu connection to the configured broker (nothing is sent yet).

@@ -178,3 +178,17 @@ def test_a_plain_kombu_connection_declares_classic() -> None:
     with Connection("memory://") as conn:
         queue = topology.events_queue(conn.default_channel)
         assert queue.declared_as(topology._options(conn.default_channel)) is queue
+
+
+def test_a_lost_connection_says_so_instead_of_reconnecting_under_its_consumers(monkeypatch) -> None:
+    """kombu would open it again on the next node, where its consumers do not exist."""
+    conn = broker.connect(load_settings(None, {}).broker)
+    conn.ensure_connection()
+    assert conn.connection is not None
+    monkeypatch.setattr(conn.transport, "verify_connection", lambda _c: False)
+    with pytest.raises(conn.connection_errors, match="lost"):
+        conn.drain_events(timeout=0)
+    with pytest.raises(conn.connection_errors):
+        conn.connection  # noqa: B018 - still lost: only a reconnect (ensure_connection) opens it again
+    monkeypatch.undo()
+    conn.release()
