@@ -13,9 +13,10 @@ is measured too.  ``--keep`` leaves the database for a later ``--reuse``.
 
 Then it runs ``python -m p3s web`` as a separate process (uvicorn) on it, with
 a scratch RabbitMQ vhost as its broker, and drives each page (HTML and its
-``/api`` twin) with ``--clients`` concurrent clients (httpx, asyncio), each
-sending ``--requests`` requests one after another; it prints p50 and p95 per
-page.  The floor, measured in the same run: a bare ``SELECT 1`` round trip
+``/api`` twin) with ``--clients`` concurrent clients (asyncio, one keep-alive
+connection each), each sending ``--requests`` requests one after another; it
+prints p50 and p95 per page, and the CPU the server and the clients spent on
+each request.  The floor, measured in the same run: a bare ``SELECT 1`` round trip
 through psycopg from as many concurrent clients (threads, one connection
 each), and ``/healthz`` (the web stack without the database).
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -96,13 +98,14 @@ WITH n AS (
               WHEN i %% 2 = 1 AND (i * 7919) %% 10 < 5 THEN 'sampled_out'
               ELSE 'accepted' END AS decision
   FROM generate_series(1::bigint, %(n)s) AS i
+), numbered AS (
+  -- a duplicate names the file before it again
+  SELECT n.*, CASE WHEN decision = 'duplicate' THEN i - 1 ELSE i END AS k FROM n
 ), named AS (
-  SELECT n.*,
-         -- a duplicate names the file before it again
-         'np04_' || stream || '_run' || lpad(((CASE WHEN decision = 'duplicate' THEN i - 1 ELSE i END) / 50)::text, 6, '0')
-           || '_' || lpad(((CASE WHEN decision = 'duplicate' THEN i - 1 ELSE i END) %% 50)::text, 4, '0')
-           || '_dl' || (i %% 4)::text || '.hdf5' AS name
-  FROM n
+  SELECT numbered.*,
+         'np04_' || stream || '_run' || lpad((k / 50)::text, 6, '0') || '_' || lpad((k %% 50)::text, 4, '0')
+           || '_dl' || (k %% 4)::text || '.hdf5' AS name
+  FROM numbered
 )
 """
 
@@ -331,32 +334,91 @@ def pages(ids: dict[str, Any]) -> list[tuple[str, str]]:
 # -- load -------------------------------------------------------------------------------
 
 
-async def _drive(base: str, path: str, clients: int, requests: int) -> tuple[list[float], dict[int | str, int], float]:
-    """``clients`` clients each asking ``path`` ``requests`` times in a row; latencies, statuses, seconds taken."""
-    import httpx
+class Client:
+    """One HTTP/1.1 keep-alive connection, as small as a client can be, so that on two cores the
+    load generator leaves the CPU to the server (httpx costs about as much per request as a page).
 
+    It reads exactly what the server says (Content-Length or chunked) and opens the connection
+    again where the server closed an idle one, as a browser does.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def get(self, path: str) -> tuple[int, int]:
+        """(status, body bytes) of ``GET path``."""
+        for attempt in (1, 2):
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            try:
+                return await self._get(path)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                await self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _get(self, path: str) -> tuple[int, int]:
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n\r\n".encode())
+        await self.writer.drain()
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            size = 0
+            while True:
+                chunk = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                await self.reader.readexactly(chunk + 2)
+                size += chunk
+                if chunk == 0:
+                    break
+        else:
+            size = int(headers.get("content-length", "0"))
+            await self.reader.readexactly(size)
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, size
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+        self.reader = self.writer = None
+
+
+async def _drive(host: str, port: int, path: str, clients: int, requests: int
+                 ) -> tuple[list[float], dict[int | str, int], float]:
+    """``clients`` clients each asking ``path`` ``requests`` times in a row; latencies, statuses, seconds taken."""
     latencies: list[float] = []
     statuses: dict[int | str, int] = {}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
-        # Warm up: connections and caches.
-        await asyncio.gather(*(client.get(path) for _ in range(clients)), return_exceptions=True)
+    conns = [Client(host, port) for _ in range(clients)]
+    # Warm up: connections and caches.
+    await asyncio.gather(*(c.get(path) for c in conns), return_exceptions=True)
 
-        async def one() -> None:
-            for _ in range(requests):
-                t0 = time.perf_counter()
-                try:
-                    answer = await client.get(path)
-                    await answer.aread()
-                    code = answer.status_code
-                except httpx.HTTPError as exc:  # counted, and the run goes on: the server's log says why
-                    code = type(exc).__name__
-                latencies.append(time.perf_counter() - t0)
-                statuses[code] = statuses.get(code, 0) + 1
+    async def one(client: Client) -> None:
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            try:
+                code: int | str = (await client.get(path))[0]
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:  # counted; the server's log says why
+                code = type(exc).__name__
+            latencies.append(time.perf_counter() - t0)
+            statuses[code] = statuses.get(code, 0) + 1
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(clients)))
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(c) for c in conns))
         return latencies, statuses, time.perf_counter() - t0
+    finally:
+        for c in conns:
+            await c.close()
 
 
 def select1_floor(url: str, clients: int, requests: int) -> list[float]:
@@ -413,12 +475,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def python_speed() -> float:
+    """CPU milliseconds a fixed pure-Python loop takes now: on a shared machine, how much of a core
+    a process gets (the other processes' cache and memory traffic slow it too); compare runs by it."""
+    t0 = time.process_time()
+    total = 0
+    for i in range(3_000_000):
+        total += i
+    return 1000 * (time.process_time() - t0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ms(values: list[float], q: float) -> float:
     return 1000 * quantile(sorted(values), q)
 
 
 def run_load(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
+    print(f"  a fixed Python loop took {python_speed():.0f} ms of CPU; load average {os.getloadavg()[0]:.1f}")
     floor = select1_floor(url, args.clients, args.requests * 4)
     out.append({"label": "floor", "path": "floor: SELECT 1 (psycopg)", "p50": ms(floor, 0.5),
                 "p95": ms(floor, 0.95), "count": len(floor), "statuses": {}, "rps": float("nan"), "goal": None})
@@ -429,20 +508,23 @@ def run_load(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         env = {**p3s_environ(broker, url, state, "WARNING"), "P3S_WEB_NOMINAL_PILOTS": "200"}
         port = free_port()
         children = Children(env, state)
-        children.start("web", "web", "--bind", f"127.0.0.1:{port}")
+        server = children.start("web", "web", "--bind", f"127.0.0.1:{port}")
         try:
             base = f"http://127.0.0.1:{port}"
             wait_ready(base, children)
             for label, path in pages(ids):
                 if args.only and not any(o in path for o in args.only):
                     continue
-                cpu0 = time.process_time()
-                latencies, statuses, took = asyncio.run(_drive(base, path, args.clients, args.requests))
-                cpu = time.process_time() - cpu0
+                cpu0, server0 = time.process_time(), cpu_seconds(server.pid)
+                latencies, statuses, took = asyncio.run(_drive("127.0.0.1", port, path, args.clients,
+                                                               args.requests))
+                cpu, server_cpu = time.process_time() - cpu0, cpu_seconds(server.pid) - server0
                 goal = None if label.startswith("healthz") else GOAL_MS.get(label, DEFAULT_GOAL_MS)
                 row = {"label": label, "path": path, "p50": ms(latencies, 0.5), "p95": ms(latencies, 0.95),
                        "count": len(latencies), "statuses": statuses, "rps": len(latencies) / took, "goal": goal,
-                       "client_cpu_ms": 1000 * cpu / max(1, len(latencies))}
+                       "client_cpu_ms": 1000 * cpu / max(1, len(latencies)),
+                       # The warm-up requests are in it too: one more per client.
+                       "server_cpu_ms": 1000 * server_cpu / max(1, len(latencies) + args.clients)}
                 out.append(row)
                 _print_row(row)
                 children.check()
@@ -457,7 +539,8 @@ def _print_row(r: dict[str, Any]) -> None:
     bad = {k: v for k, v in r["statuses"].items() if k != 200}
     verdict = "" if r["goal"] is None else ("ok" if r["p95"] <= r["goal"] else f"OVER {r['goal']:.0f}")
     print(f"  {r['path'][:58]:58s} {r['p50']:8.1f} {r['p95']:8.1f} {r.get('rps', 0):7.0f}"
-          f" {r.get('client_cpu_ms', 0):6.2f}  {verdict}{'  non-200: ' + str(bad) if bad else ''}", flush=True)
+          f" {r.get('server_cpu_ms', 0):7.2f} {r.get('client_cpu_ms', 0):7.2f}  {verdict}"
+          f"{'  non-200: ' + str(bad) if bad else ''}", flush=True)
 
 
 # -- EXPLAIN ANALYZE of the pages' statements -----------------------------------------------
@@ -566,7 +649,8 @@ def main() -> int:
             explain(url, args.explain_ms)
             return 0
         print(f"\n{args.clients} concurrent clients, {args.requests} requests each per page; ms; goal on p95")
-        print(f"  {'page':58s} {'p50':>8s} {'p95':>8s} {'req/s':>7s} {'cliCPU':>6s}")
+        print(f"  {'page':58s} {'p50':>8s} {'p95':>8s} {'req/s':>7s} {'srvCPU':>7s} {'cliCPU':>7s}"
+              "  (CPU: ms per request, of the server process and of this one)")
         rows = run_load(url, args)
         if args.json:
             Path(args.json).write_text(json.dumps({"clients": args.clients, "requests": args.requests,
