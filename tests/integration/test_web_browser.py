@@ -19,7 +19,7 @@ import pytest
 from tests.stack import graphml, probe_command
 from p3s.dispatcher import admin
 from tests import web_fixtures
-from tests.web_fixtures import OPERATOR, PASSWORD, WebPipeline, artifacts_dir, csrf_of, refused, screenshot
+from tests.web_fixtures import OPERATOR, PASSWORD, WebPipeline, csrf_of, refused, screenshot
 
 # The module-scoped fixtures, seen by pytest as this module's own.
 chromium = web_fixtures.chromium
@@ -50,6 +50,7 @@ def web(tmp_path_factory: pytest.TempPathFactory, module_broker_url: str,
         "live": graphml({"a": {"command": probe_command("--until", str(gate))}, "b": {"command": probe_command()}},
                         edges=[("a", "b")], trigger="live*.raw", name="live"),
         "plain": graphml({"probe": {"command": probe_command()}}, trigger="x*.raw", name="plain"),
+        "fails": graphml({"decode": {"command": probe_command("--exit", "3")}}, trigger="bad*.raw", name="fails"),
         "held": held("held", "held*.raw"),
     }
     pipeline = WebPipeline(tmp, module_broker_url, module_database_url, templates,
@@ -232,6 +233,7 @@ def test_a_viewer_cannot_act_and_a_forged_post_is_refused(web: WebPipeline, cont
     # A viewer sees the pages but none of the operator's forms.
     page = context.new_page()
     for path, forms in (("/templates", ["#import-form", "#priority-form", ".delete-form"]),
+                        ("/templates/held", ["#priority-form", ".delete-form"]),
                         (f"/workflows/{wf['id']}", ["#cancel-form"])):
         page.goto(web.url(path))
         assert page.locator("#content").count() == 1
@@ -312,9 +314,13 @@ def test_every_page_answers_and_is_saved_as_a_screenshot(web: WebPipeline, conte
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     web.write("x000042.raw")
+    web.write("bad000042.raw")
     wf = web.workflow_of("x000042.raw")
     (job,) = web.wait_for(lambda: [j for j in web.jobs_of(wf["id"]) if j["state"] == "finished"],
                           what="the job of x000042.raw to finish")
+    bad = web.workflow_of("bad000042.raw")
+    (failed,) = web.wait_for(lambda: [j for j in web.jobs_of(bad["id"]) if j["state"] == "failed"],
+                             what="the job of bad000042.raw to fail")
     pages = {"overview": "/", "status": "/status", "files": "/files", "workflows": "/workflows",
              "workflow": f"/workflows/{wf['id']}", "jobs": "/jobs", "job": f"/jobs/{job['id']}", "pilots": "/pilots",
              "templates": "/templates", "template": "/templates/live", "priorities": "/priorities",
@@ -323,7 +329,10 @@ def test_every_page_answers_and_is_saved_as_a_screenshot(web: WebPipeline, conte
         answer = page.goto(web.url(path))
         assert answer is not None and answer.status == 200, f"{path}: {answer and answer.status}"
         assert page.locator("main#content").count() == 1, f"{path} has no <main id=content>"
-        screenshot(page, name)
+        if name == "overview":
+            # The last failures: the failed job, with its exit code.
+            page.wait_for_selector(f'#failures [data-job-id="{failed["id"]}"]')
+        if name == "job":
+            assert "probe: exiting with 0" in page.inner_text("#log-tail")
+        assert screenshot(page, name).stat().st_size > 0
     assert not errors, errors
-    shot = artifacts_dir() / "overview.png"
-    assert shot.stat().st_size > 10_000
