@@ -47,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 MAX_LIMIT = 1000
 MAX_TEXT = 512  # the longest name column (files.name)
 SESSION_MAX_AGE_S = 12 * 3600
+BROKER_RETRY_S = 15.0
 
 
 class BadRequest(HTTPException):
@@ -159,6 +160,8 @@ class Web:
         self.operators = auth.Operators.from_settings(settings)
         self.env = _environment()
         self.refused: dict[str, int] = {}
+        self.broker_retry_at = 0.0  # time.monotonic() after which an unreachable broker is asked again
+        self.broker_note = ""
         self.overview_cache = queries.Cached(self._overview, settings.web.cache_s)
 
     # -- plumbing ----------------------------------------------------------------------
@@ -172,7 +175,18 @@ class Web:
             return fn(session, *args, **kwargs)
 
     def _overview(self) -> dict[str, Any]:
-        return self.read(queries.overview, self.settings, time.time(), ask_broker=self.ask_broker)
+        # A broker that did not answer is asked again only after BROKER_RETRY_S: connecting may take its
+        # whole timeout, and every client waiting on the shared overview would wait that long each time.
+        ask = self.ask_broker and time.monotonic() >= self.broker_retry_at
+        data = self.read(queries.overview, self.settings, time.time(), ask_broker=ask)
+        if ask and data["broker_unreachable"]:
+            self.broker_retry_at = time.monotonic() + BROKER_RETRY_S
+            self.broker_note = data["queues_note"]
+        elif self.ask_broker and not ask:
+            for part in (data, data["status"]):
+                part["queues_note"] = f"{self.broker_note} (asked again within {BROKER_RETRY_S:g}s)"
+                part["broker_unreachable"] = True
+        return data
 
     def who(self, request: Request) -> str | None:
         return auth.operator_of(request, self.operators)

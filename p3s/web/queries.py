@@ -137,7 +137,8 @@ def pilots_check(session: Session, now: float, nominal: int) -> list[dict[str, A
         {"check": "alive", "value": alive, "nominal": nominal or None,
          "verdict": verdict(alive >= max(nominal, 1), alive >= max((nominal + 1) // 2, 1))},
         {"check": "busy", "value": busy, "nominal": alive, "verdict": verdict(busy < alive, alive > 0)},
-        {"check": "lost", "value": lost, "nominal": 0, "verdict": verdict(lost == 0, lost < max(2, (reference + 1) // 2))},
+        {"check": "lost", "value": lost, "nominal": 0,
+         "verdict": verdict(lost == 0, lost < max(2, (reference + 1) // 2))},
     ]
 
 

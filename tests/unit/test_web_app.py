@@ -344,5 +344,12 @@ def test_the_overview_answers_and_says_so_when_the_broker_does_not(tmp_path: Pat
         assert "guest:guest" not in answer.text  # the password masked
         data = client.get("/api/overview").json()
         assert data["broker_unreachable"] and all(q["depth"] is None for q in data["queues"])
+        # Computed again within the retry period, the overview does not wait for the broker but says why.
+        web = client.app.state.web  # type: ignore[attr-defined]
+        web.overview_cache._at -= 60
+        again = web.overview_cache.get()
+        assert again["broker_unreachable"] and again["status"]["broker_unreachable"]
+        note = again["queues_note"]
+        assert note.startswith("broker unreachable: ") and note.endswith("(asked again within 15s)")
     finally:
         w.engine.dispose()
