@@ -274,7 +274,10 @@ def read_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> tuple[str, bool]:
 def log_tail(session: Session, settings: Settings, job_id: int) -> dict[str, Any]:
     """The tail of a job's log, found where ``p3s logs`` looks for it, or why there is none."""
     info = admin.job_log_info(session, job_id)
-    candidates = admin.log_candidates(info, settings.log_path)
+    # Only files under the log root: the recorded path comes from a pilot's report, and a page anybody may
+    # open must not show whatever file it names (this service's own secrets, say).
+    root = settings.log_path.resolve()
+    candidates = [c for c in admin.log_candidates(info, settings.log_path) if c.resolve().is_relative_to(root)]
     for path in candidates:
         try:
             text, cut = read_tail(path)

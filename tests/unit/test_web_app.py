@@ -173,6 +173,13 @@ def test_the_job_page_shows_argv_env_names_and_the_log_tail_but_no_env_value(wor
     html = world.client.get(f"/jobs/{job['id']}").text
     assert "SECRET_KEY" in html and "hunter2" not in html and "hunter2" not in str(got)
     assert "last line &lt;tag&gt;" in html
+    # A log path a pilot reported outside the log root is not read: it could name any file of this host.
+    other = next(j for j in world.jobs() if j["node"] == "b" and j["file"] == "/data/run1.dat")
+    secret = world.settings.state_path / "web-secret"
+    with Session(world.engine) as s, s.begin():
+        s.execute(update(db.Job).where(db.Job.id == other["id"]).values(log=str(secret), state="finished"))
+    tail = world.client.get(f"/api/jobs/{other['id']}").json()["log_tail"]
+    assert tail["text"] == "" and tail["path"] is None and secret.read_text().strip() not in str(tail)
 
 
 def test_operator_actions_need_a_csrf_token_and_a_login(world: World, caplog: pytest.LogCaptureFixture) -> None:
