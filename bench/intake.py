@@ -30,6 +30,7 @@ Usage::
     python bench/intake.py                      # 10 000 events, dispatcher in a child process
     python bench/intake.py --dispatchers 2      # one, then two dispatchers, in the same run
     python bench/intake.py --row-sizes          # and PostgreSQL's bytes per file, workflow and job row
+    python bench/intake.py --reports 30000      # and how fast pilots' heartbeats are recorded
     python bench/intake.py --mode threads --events 5000 --json out.json
 
 Run by hand only; nothing here asserts on time.
@@ -60,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--events", type=int, default=10_000, help="data events published at once (default 10000)")
     p.add_argument("--dispatchers", type=int, default=1,
                    help="also measure with this many dispatcher processes, after one (default 1: one only)")
+    p.add_argument("--reports", type=int, default=0,
+                   help="after the events, also publish this many pilot heartbeats (from --report-pilots pilots) and"
+                        " time their recording (default 0: none)")
+    p.add_argument("--report-pilots", type=int, default=300, help="pilots the heartbeats come from (default 300)")
     p.add_argument("--row-sizes", action="store_true",
                    help="after the one-dispatcher run, give the rows production-shaped values (ProtoDUNE-like names"
                         " and paths, every job finished) and print PostgreSQL's bytes per file, workflow and job row")
@@ -176,6 +181,48 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def heartbeats(count: int, pilots: int) -> tuple[list[Any], float]:
+    """``count`` heartbeats, round robin from ``pilots`` pilot ids; the sent_at of each pilot's last one."""
+    from p3s import topology
+    from p3s.broker import Outgoing
+    from p3s.messages import PilotReport, encode
+
+    t0 = time.time()
+    out = []
+    for i in range(count):
+        report = PilotReport(pilot_id=f"bench-pilot-{i % pilots:04d}", event="heartbeat", host="bench",
+                             pid=1000 + i % pilots,
+                             queues=["default"], state="idle", sent_at=t0 + i * 1e-5)
+        out.append(Outgoing(topology.status_exchange, topology.status_routing_key("pilot", "heartbeat"), encode(report)))
+    return out, t0 + (count - pilots) * 1e-5
+
+
+def status_reports(args: argparse.Namespace, publisher: Any, engine: Any, check: Any, pids: list[int]) -> dict[str, Any]:
+    """Publish --reports heartbeats at once; seconds and dispatcher CPU until every pilot's last one is recorded."""
+    from sqlalchemy import text
+
+    messages, last = heartbeats(args.reports, args.report_pilots)
+    before = [cpu_seconds(pid) for pid in pids]
+    t0 = time.perf_counter()
+    for i in range(0, len(messages), args.publish_batch):
+        publisher.publish(messages[i : i + args.publish_batch])
+    end = time.perf_counter() + args.timeout
+    while True:
+        with engine.connect() as conn:
+            done = conn.execute(text("SELECT count(*) FROM pilots WHERE last_sent_at >= :t"), {"t": last}).scalar_one()
+        if done >= args.report_pilots:
+            break
+        check()
+        if time.perf_counter() > end:
+            raise RuntimeError(f"timed out: {done} of {args.report_pilots} pilots have their last heartbeat recorded")
+        time.sleep(0.02)
+    seconds = time.perf_counter() - t0
+    cpu = sum(cpu_seconds(pid) for pid in pids) - sum(before)
+    return {"reports": args.reports, "pilots": args.report_pilots, "seconds": seconds,
+            "per_s": args.reports / seconds, "dispatcher_cpu_s": cpu,
+            "per_cpu_s": args.reports / cpu if cpu > 0 else float("nan")}
+
+
 def floor(args: argparse.Namespace, broker_url: str, database_url: str) -> dict[str, float]:
     """The servers' own rates on this run's scratch vhost and database, before any dispatcher starts."""
     pg_rows_s, pg_one_s = common.pg_insert_rate(database_url, args.events)
@@ -240,6 +287,7 @@ def measure(args: argparse.Namespace, broker_url: str, database_url: str, tmp: P
         t_wf, t_tasks = wait_counts(progress, args.events + 2 * dispatchers, args.timeout, check, t0)
         cpu_after = [cpu_seconds(pid) for pid in pids]
         shape = batches(engine, "intake-")
+        reports = status_reports(args, publisher, engine, check, pids) if args.reports else {}
     finally:
         publisher.close()
         progress.close()
@@ -266,6 +314,7 @@ def measure(args: argparse.Namespace, broker_url: str, database_url: str, tmp: P
         "dispatcher_cpu_s": cpu,
         "files_per_cpu_s": args.events / sum(cpu) if cpu and sum(cpu) > 0 else float("nan"),
         "dispatcher_batches": shape,
+        "status_reports": reports,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -351,6 +400,11 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     row("dispatcher batches", [str(x["dispatcher_batches"]["batches"]) for x in runs])
     row("mean batch size (max)", [f"{x['dispatcher_batches']['mean_size']:.0f} ({x['dispatcher_batches']['max_size']})"
                                   for x in runs])
+    if args.reports:
+        row(f"{args.reports} heartbeats of {args.report_pilots} pilots, s",
+            [f"{x['status_reports']['seconds']:.2f}" for x in runs])
+        row("  recorded per second", [f"{x['status_reports']['per_s']:.0f}" for x in runs])
+        row("  per dispatcher CPU second", [f"{x['status_reports']['per_cpu_s']:.0f}" for x in runs])
     row("ms per batch, ms per event in batches", [
         f"{x['dispatcher_batches']['mean_ms_per_batch']:.0f}, {x['dispatcher_batches']['ms_per_event_in_batches']:.2f}"
         for x in runs])
