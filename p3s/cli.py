@@ -309,11 +309,11 @@ def cmd_results(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     for row in rows:
-        row["metrics_text"] = ", ".join(
+        row["metrics"] = ", ".join(
             f"{m['name']}={m['value']:g}{m['unit'] and ' ' + m['unit']}{' ALARM' if m['alarm'] else ''}"
             for m in row["metrics"])
-        row["plots"] = ", ".join(f["path"] for f in row["files"])
-    print_table(rows, ["id", "template", "run", "subrun", "age_s", "on_time", "metrics_text", "plots", "file"])
+        row["files"] = ", ".join(f["path"] for f in row["files"])
+    print_table(rows, ["id", "template", "run", "subrun", "age_s", "on_time", "metrics", "files", "file"])
     for a in alarms:
         print(f"ALARM {a['template']} {a['metric']} = {a['value']:g}, expected "
               f"[{'-' if a['lo'] is None else format(a['lo'], 'g')}, {'-' if a['hi'] is None else format(a['hi'], 'g')}]"
