@@ -92,6 +92,13 @@ DQM_ALARM = Gauge(
     ["template", "metric"],
 )
 
+RESULTS_REFUSED = Counter(
+    "p3s_results_refused",
+    "Parts of payloads' results manifests that p3s refused: a manifest whole (manifest), or one plot "
+    "or file it lists (entry).",
+    ["template", "what"],
+)
+
 # The watcher's own.
 EVENTS_PUBLISHED = Counter("p3s_watcher_events_published", "Data events published and confirmed.", ["source"])
 WATCHER_BACKLOG = Gauge("p3s_watcher_backlog", "Data events waiting for the broker.")

@@ -49,14 +49,21 @@ def record_result(session: Session, job_id: int, results: Mapping[str, Any], ctx
     job = session.get(Job, job_id)
     if job is None:
         return None
+    if session.scalar(select(ResultRecord.id).where(ResultRecord.job_id == job_id)) is not None:
+        return None  # recorded already: its warnings and counts too
     warnings = list(results.get("warnings", []))
+    accepted = results.get("accepted", True)
     if warnings:
         note = "results: " + "; ".join(warnings)
         job.reason = (f"{job.reason}; {note}" if job.reason else note)[:REASON_MAX]
+        template = job.template
         ctx.later(lambda: log.warning("job %s: results manifest: %s", job_id, "; ".join(warnings)))
-    if not results.get("accepted", True):
-        return None
-    if session.scalar(select(ResultRecord.id).where(ResultRecord.job_id == job_id)) is not None:
+        entries = sum(" refused: " in w for w in warnings)  # not "no checksum": that entry is kept
+        if accepted and entries:
+            ctx.later(lambda: metrics.RESULTS_REFUSED.labels(template, "entry").inc(entries))
+        elif not accepted:
+            ctx.later(metrics.RESULTS_REFUSED.labels(template, "manifest").inc)
+    if not accepted:
         return None
     wf = session.get(Workflow, job.workflow_id)
     assert wf is not None

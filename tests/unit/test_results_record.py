@@ -134,18 +134,33 @@ def test_an_alarm_is_raised_by_a_value_out_of_range_and_cleared_by_a_later_one_i
     assert gauge("dqm", "mean_adc") == 0.0
 
 
-def test_a_second_report_records_nothing_and_warnings_go_on_the_job(runs: Runs, settings: Settings,
-                                                                   engine: Engine) -> None:
+def refused(what: str) -> float:
+    return REGISTRY.get_sample_value("p3s_results_refused_total", {"template": "dqm", "what": what}) or 0.0
+
+
+def test_a_second_report_records_nothing_and_refusals_are_warnings_on_the_job(runs: Runs, settings: Settings,
+                                                                             engine: Engine) -> None:
     job_id, _ = runs.result("run30_1.hdf5", NOW - 100, 100)
+    with Session(engine) as s, s.begin():
+        others = [s.scalar(select(Job.id).where(Job.workflow_id == workflow(s, runs.template_id, name, NOW - 50,
+                                                                            jobs=("finished",), tpl="dqm")))
+                  for name in ("run31_1.hdf5", "run32_1.hdf5")]
+    before = refused("entry"), refused("manifest")
     ctx = Context(settings, now=NOW)
     with Session(engine) as s, s.begin():
-        again = {"accepted": True, "metrics": [], "files": [], "labels": {}, "warnings": ["plot 'x' refused: ..."]}
-        assert record_result(s, job_id, again, ctx) is None
-        assert record_result(s, job_id, {"accepted": False, "warnings": ["manifest refused: not JSON"]}, ctx) is None
+        some = {"accepted": True, "metrics": [], "files": [], "labels": {},
+                "warnings": ["plot '../x' refused: a path with '..'", "file 'big': no checksum, the budget ran out"]}
+        assert record_result(s, job_id, some, ctx) is None, "its job has a result already"
+        assert record_result(s, others[0], some, ctx) is not None
+        assert record_result(s, others[1], {"accepted": False, "warnings": ["manifest refused: not JSON"]}, ctx) is None
+    ctx.committed()
     with Session(engine) as s:
-        assert s.scalar(select(func.count()).select_from(ResultRecord)) == 1
-        reason = s.get(Job, job_id).reason
-    assert "results: plot 'x' refused" in reason and "manifest refused: not JSON" in reason
+        assert s.scalar(select(func.count()).select_from(ResultRecord)) == 2
+        reasons = [s.get(Job, i).reason for i in (job_id, *others)]
+    assert reasons[0] == "", "a second report changes nothing"
+    assert "results: plot '../x' refused: a path with '..'; file 'big': no checksum" in reasons[1]
+    assert "results: manifest refused: not JSON" in reasons[2]
+    assert (refused("entry"), refused("manifest")) == (before[0] + 1, before[1] + 1)
 
 
 def test_newest_of_each_category_history_and_files_on_disk(runs: Runs, engine: Engine, settings: Settings) -> None:
