@@ -148,7 +148,9 @@ def failures(session: Session, now: float, limit: int = FAILURES_LIMIT) -> list[
         select(Job.id, Job.workflow_id, Job.template, Job.node, Job.state, Job.exit_code, Job.reason,
                Job.pilot_id, Job.ended_at)
         .where(Job.created_at >= now - 24 * HOUR, Job.state.in_(FAILED_STATES))
-        .order_by(Job.id.desc())
+        # Newest by the time made, which PostgreSQL reads backwards from ix_jobs_created_at and stops at
+        # the limit; by id it read the whole day's jobs, expecting the failures spread over the table.
+        .order_by(Job.created_at.desc(), Job.id.desc())
         .limit(limit)
     ).all()
     return [
