@@ -27,7 +27,7 @@ from tests.stack import graphml, make_settings
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
 
-FILES = 300
+FILES = 200
 PILOTS = 4
 NODES = "abcd"
 EDGES = [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")]
@@ -68,14 +68,16 @@ def test_two_dispatchers_share_a_database_and_run_every_join_once(
     import_template(settings, diamond(runs), name="diamond")
     names = [f"np04_raw_run{7000:06d}_{i:04d}.hdf5" for i in range(FILES)]
 
-    # Heartbeats every 5 s, not the 1 s of tests.procs.FAST: fewer reports, well within the 60 s timeout.
-    with Parts(tmp_path, settings, P3S_PILOT_HEARTBEAT_S="5") as parts:
+    # Heartbeats every 5 s, not the 1 s of tests.procs.FAST: fewer reports.  On a loaded
+    # host the reports can queue for longer than the 60 s after which a silent pilot
+    # is lost; liveness is not what this test is about, so the timeout is long.
+    with Parts(tmp_path, settings, P3S_PILOT_HEARTBEAT_S="5", P3S_DISPATCHER_HEARTBEAT_TIMEOUT_S="600") as parts:
         dispatchers = [parts.start("dispatcher", "dispatcher") for _ in range(2)]
         pilots = [parts.start("pilot", "pilot") for _ in range(PILOTS)]
         # All consume before anything arrives, so RabbitMQ shares events and reports between the two.
         for queue, count in (("p3s.dispatcher.events", 2), ("p3s.dispatcher.status", 2),
                              ("p3s.tasks.default", PILOTS)):
-            parts.wait_for(lambda queue=queue, count=count: consumers(parts, queue) == count, timeout=60,
+            parts.wait_for(lambda queue=queue, count=count: consumers(parts, queue) == count, timeout=120,
                            what=f"{count} consumers on {queue}", alive=[*dispatchers, *pilots])
         publish(broker_url, names)
 
@@ -84,8 +86,8 @@ def test_two_dispatchers_share_a_database_and_run_every_join_once(
             done = len(jobs) == FILES * len(NODES) and all(j["state"] in TERMINAL for j in jobs)
             return jobs if done else None
 
-        # Generous: about 15 s on two idle cores; this asserts what ran, not how fast.
-        jobs = parts.wait_for(all_ended, timeout=120, every=0.5, what="every job to end",
+        # Generous: this asserts what ran, not how fast.
+        jobs = parts.wait_for(all_ended, timeout=240, every=0.5, what="every job to end",
                               alive=[*dispatchers, *pilots])
         workflows = parts.query(admin.list_workflows, limit=100000)
         checked = parts.audit()
