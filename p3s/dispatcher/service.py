@@ -440,7 +440,7 @@ class Dispatcher(broker.ReconnectingConsumer):
                     # operator's command): PostgreSQL rolled the batch back and is fine,
                     # so try again at once rather than wait as for an outage.
                     log.info("dispatcher: batch rolled back by the database (%s), retrying (%d)",
-                             printable(str(exc.orig).splitlines()[0], 200), attempt + 1)
+                             printable((str(exc.orig).splitlines() or [""])[0], 200), attempt + 1)
                     last = exc
                     continue
                 if isinstance(exc, OperationalError) or exc.connection_invalidated:
