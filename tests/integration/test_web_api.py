@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import schemathesis
+from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
 
 from p3s.dispatcher import admin
@@ -41,7 +42,9 @@ def web(tmp_path_factory: pytest.TempPathFactory, module_broker_url: str,
                          edges=[("a", "b")], trigger="run*.dat", name="probe"),
         "fails": graphml({"bad": {"command": probe_command("--exit", "3")}, "after": {"command": probe_command()}},
                          edges=[("bad", "after")], trigger="bad*.dat", name="fails"),
-        "held": graphml({"wait": {"command": probe_command(), "queue": "nobody"}}, trigger="held*.dat", name="held"),
+        # Waits on a queue no pilot serves, for longer than any test runs: it stays queued throughout.
+        "held": graphml({"wait": {"command": probe_command(), "queue": "nobody"}}, trigger="held*.dat",
+                        budget_s=3600, name="held"),
     }
     pipeline = WebPipeline(tmp, module_broker_url, module_database_url, templates, P3S_WEB_CACHE_S="0.1")
     pipeline.edit(admin.set_priority, "probe", "b", 7)
@@ -141,25 +144,31 @@ def test_bad_parameters_are_client_errors_and_unknown_ids_not_found(web: WebPipe
             assert client.get(path).status_code == 404, path
 
 
-#: Generated requests per operation: enough to reach odd values of every parameter, few enough to be quick.
-EXAMPLES = 25
+#: Generated requests per operation and mode: enough to reach odd values of every parameter, few enough
+#: to be quick (an operation without parameters is called once: there is nothing to vary).
+EXAMPLES = 10
 
 
 def test_no_generated_request_makes_a_server_error(web: WebPipeline) -> None:
-    """Every operation of /openapi.json, called with requests generated from its description."""
+    """Every operation of /openapi.json, called with requests generated from its description: requests it
+    allows (positive) and requests it forbids (negative: wrong types, out of range, unknown values)."""
     from schemathesis.checks import not_a_server_error
 
     schema = schemathesis.openapi.from_url(web.url("/openapi.json"))
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/api/files", "/api/workflows/{id}", "/api/jobs/{id}", "/api/status"}
-    calls: list[str] = []
+    calls: list[tuple[str, str]] = []
     for operation in operations:
+        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if operation.query or operation.path_parameters
+                                             else [])
+        for mode in modes:
 
-        @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-        def call(case: Any) -> None:
-            calls.append(case.operation.label)
-            case.call_and_validate(base_url=web.base_url, checks=[not_a_server_error], timeout=10)
+            @given(case=operation.as_strategy(mode))
+            @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            def call(case: Any) -> None:
+                calls.append((case.operation.label, mode.value))
+                case.call_and_validate(base_url=web.base_url, checks=[not_a_server_error], timeout=10)
 
-        call()
-    assert set(calls) == {op.label for op in operations}, "an operation was never called"
+            call()
+    assert {label for label, _ in calls} == {op.label for op in operations}, "an operation was never called"
+    assert ("GET /api/jobs", "negative") in calls

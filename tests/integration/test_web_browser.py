@@ -35,9 +35,9 @@ HOSTILE = 'held<img src=nowhere onerror="window.__pwned=1"><b>bold run.raw'
 
 
 def held(name: str, trigger: str) -> str:
-    """A template whose one stage waits on a queue no pilot serves: its workflow stays running."""
+    """A template whose one stage waits on a queue no pilot serves: its workflow stays running (for an hour)."""
     return graphml({"wait": {"command": probe_command(), "queue": "nobody", "priority": "2"}},
-                   trigger=trigger, name=name)
+                   trigger=trigger, budget_s=3600, name=name)
 
 
 @pytest.fixture(scope="module")
