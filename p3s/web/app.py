@@ -36,6 +36,7 @@ from starlette.staticfiles import StaticFiles
 from p3s.config import Settings
 from p3s.dispatcher import admin, status
 from p3s.errors import NotFound, P3SError, TemplateError
+from p3s.results import query as result_query
 from p3s.states import Decision, JobState, WorkflowState
 from p3s.tables import safe
 from p3s.web import auth, queries, svg
@@ -298,6 +299,7 @@ class Web:
 
     def overview_page(self, request: Request, data: dict[str, Any]) -> dict[str, Any]:
         return {"plot": svg.latency_plot(data["latency_plot"]), "live_url": "/?live=1",
+                "alarms": self.read(result_query.list_alarms),
                 "windows": [w for w, _ in queries.WINDOWS], "decisions": [d.value for d in Decision]}
 
     def workflow_page(self, request: Request, data: dict[str, Any]) -> dict[str, Any]:
@@ -491,6 +493,8 @@ class Web:
     # -- the route table -----------------------------------------------------------------
 
     def routes(self) -> list[Any]:
+        from p3s.web.results import results_routes  # it imports this module
+
         return [
             *self.pair("/", "overview.html", self.overview, self.overview_page),
             *self.pair("/status", "status.html", self.status),
@@ -518,6 +522,7 @@ class Web:
             Route("/logout", self.logout, methods=["POST"]),
             Route("/healthz", self.healthz),
             Route("/openapi.json", self.openapi),
+            *results_routes(self),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         ]
 

@@ -64,6 +64,30 @@ OVERVIEW = _obj({"at": {"type": "number"}, "arrivals": {"type": "object"}, "on_t
 SAMPLING = _obj({"window_s": {"type": "number"}, "streams": _list({"type": "object"}),
                  "patterns": _list({"type": "object"})})
 ERROR = _obj({"error": {"type": "string"}, "status": {"type": "integer"}})
+METRIC = _obj({"name": {"type": "string"}, "value": {"type": "number"}, "unit": {"type": "string"},
+               "lo": _NUMBER_OR_NULL, "hi": _NUMBER_OR_NULL, "in_range": {"type": "boolean", "nullable": True},
+               "alarm": {"type": "boolean"}})
+RESULT_FILE = _obj({"id": {"type": "integer"}, "kind": {"type": "string", "enum": ["plot", "file"]},
+                    "path": {"type": "string"}, "category": {"type": "string"}, "caption": {"type": "string"},
+                    "size": {"type": "integer"}, "sha256": {"type": "string"}})
+RESULT = _obj({"id": {"type": "integer"}, "job_id": {"type": "integer"}, "template": {"type": "string"},
+               "file": {"type": "string"}, "run": _INT_OR_NULL, "subrun": _INT_OR_NULL, "seen_at": {"type": "number"},
+               "recorded_at": {"type": "number"}, "age_s": {"type": "number"}, "budget_s": {"type": "number"},
+               "on_time": {"type": "boolean"}, "labels": {"type": "object"}, "warnings": _list({"type": "string"}),
+               "metrics": _list(METRIC), "files": _list(RESULT_FILE)})
+ALARM = _obj({"template": {"type": "string"}, "metric": {"type": "string"}, "raised": {"type": "boolean"},
+              "value": {"type": "number"}, "lo": _NUMBER_OR_NULL, "hi": _NUMBER_OR_NULL,
+              "result_id": {"type": "integer"}, "raised_at": _NUMBER_OR_NULL, "cleared_at": _NUMBER_OR_NULL})
+RESULTS_OF_TEMPLATE = _obj({"template": {"type": "string"}, "run": _INT_OR_NULL, "runs": _list({"type": "object"}),
+                            "newest": _list(RESULT_FILE), "metrics": _list({"type": "string"}),
+                            "alarms": _list(ALARM), "results": _list(RESULT)})
+HISTORY_POINT = {**METRIC, "required": sorted([*METRIC["required"], "result_id", "run", "subrun"]),
+                 "properties": {**METRIC["properties"], "result_id": {"type": "integer"}, "run": _INT_OR_NULL,
+                                "subrun": _INT_OR_NULL}}
+COMPARE_SIDE = _obj({"run": {"type": "integer"}, "results": {"type": "integer"}, "newest": _list(RESULT_FILE),
+                     "metrics": {"type": "object", "additionalProperties": METRIC}})
+COMPARE = _obj({"template": {"type": "string"}, "a": COMPARE_SIDE, "b": COMPARE_SIDE,
+                "runs": _list({"type": "object"})})
 
 
 def _param(name: str, schema: dict[str, Any], description: str, where: str = "query") -> dict[str, Any]:
@@ -73,6 +97,9 @@ def _param(name: str, schema: dict[str, Any], description: str, where: str = "qu
 LIMIT = _param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100}, "newest N rows")
 TEXT = {"type": "string", "maxLength": 512}
 ID = _param("id", {"type": "integer", "minimum": 0}, "the record's id", "path")
+NAME = {"type": "string", "minLength": 1, "maxLength": 128}
+RESULT_TEMPLATE = _param("template", NAME, "the template whose results", "path")
+RUN = {"type": "integer", "minimum": 0}
 
 
 def _get(summary: str, schema: dict[str, Any], params: list[dict[str, Any]] | None = None,
@@ -127,6 +154,25 @@ def openapi() -> dict[str, Any]:
                        "add superseded versions and deleted templates"),
             ]),
             "/api/priorities": _get("p3s priority list --json", _list(PRIORITY)),
+            "/api/results": _get("p3s results --json (--template, --run)", _list(RESULT), [
+                LIMIT,
+                _param("template", TEXT, "only this template's results"),
+                _param("run", RUN, "only the results of this run"),
+                _param("subrun", RUN, "only the results of this subrun"),
+            ]),
+            "/api/alarms": _get("p3s results --alarms --json: the alarms raised now", _list(ALARM), [
+                _param("template", TEXT, "only this template's alarms"),
+                _param("all", {"type": "string", "enum": ["0", "1", "true", "false"]}, "cleared alarms too"),
+            ]),
+            "/api/results/{template}": _get(
+                "a template's Results page: newest plot or file of each category, runs, metric names, alarms",
+                RESULTS_OF_TEMPLATE, [RESULT_TEMPLATE, _param("run", RUN, "look back at this run")], not_found=True),
+            "/api/results/{template}/compare": _get("two runs of a template side by side", COMPARE, [
+                RESULT_TEMPLATE, _param("a", RUN, "the first run"), _param("b", RUN, "the second run"),
+            ], not_found=True),
+            "/api/results/{template}/metrics/{name}": _get(
+                "a metric's values across the template's results, oldest first, with their ranges",
+                _list(HISTORY_POINT), [RESULT_TEMPLATE, _param("name", NAME, "the metric", "path")], not_found=True),
             "/api/sampling": _get("configured sampling fraction per stream and the share accepted in the last hour",
                                   SAMPLING),
         },
