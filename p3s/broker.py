@@ -342,6 +342,10 @@ class Publisher:
                     raise BrokerUnavailable(f"publish failed: {exc}") from exc
             if self._nacked:
                 nacked, self._nacked = self._nacked, []
+                # The next try goes on a new connection: a channel that first
+                # spoke to a quorum queue while its leader was dying is seen to
+                # go on refusing everything (RabbitMQ 3.10), when a new one is not.
+                self._close()
                 raise BrokerUnavailable(f"the broker refused {len(nacked)} message(s)")
         return len(batch)
 
