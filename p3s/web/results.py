@@ -123,7 +123,10 @@ class ResultsPages:
                                 for r in reversed(results) for m in r["metrics"]}}
 
         def collect(s: Session) -> dict[str, Any]:
-            return {"template": name, "a": side(s, a), "b": side(s, b), "runs": query.runs(s, name)}
+            sides = {"a": side(s, a), "b": side(s, b)}
+            if not sides["a"]["results"] and not sides["b"]["results"]:
+                raise NotFound(f"no results of template {name!r} in run {a} or run {b}")
+            return {"template": name, **sides, "runs": query.runs(s, name)}
 
         return self.web.read(collect)
 

@@ -177,6 +177,7 @@ def test_bad_parameters_are_client_errors_and_unknown_names_are_not_found(world:
     assert missing.status_code == 404 and "<script>" not in missing.text
     assert client.get("/api/results/nothing").json()["status"] == 404
     assert client.get("/results/dqm/metrics/none.svg").status_code == 404
+    assert client.get("/results/dqm/compare", params={"a": "1", "b": "2"}).status_code == 404
     assert client.get("/healthz").json()["refused"]["parameter"] == 4
 
 
