@@ -160,7 +160,8 @@ class ResultsPages:
 
     def file(self, request: Request) -> Response:
         file_id = request.path_params["id"]
-        path = self.web.read(query.file_on_disk, file_id)
+        # An id past BIGINT is no file's: the database is not asked (PostgreSQL would refuse the number).
+        path = self.web.read(query.file_on_disk, file_id) if file_id < 2**63 else None
         if path is None:
             self.web.refuse("result_file")
             raise NotFound(f"result file {file_id}: not on disk inside its job's output directory")

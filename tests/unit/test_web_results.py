@@ -150,7 +150,8 @@ def test_files_are_served_with_a_restrictive_type_only_from_inside_the_output_di
     for path in ("../../secret.txt", str(world.secret), "link.txt", "gone.png"):
         response = client.get(f"/results/files/{world.file_id(path)}")
         assert response.status_code == 404 and "password" not in response.text, path
-    for url in ("/results/files/999999", "/results/files/..%2F..%2Fsecret.txt", "/results/files/-1"):
+    for url in ("/results/files/999999", "/results/files/..%2F..%2Fsecret.txt", "/results/files/-1",
+                f"/results/files/{2**64}"):
         assert client.get(url).status_code == 404, url
     assert client.get("/healthz").json()["refused"].get("result_file", 0) >= 5
 
