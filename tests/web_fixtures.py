@@ -12,11 +12,13 @@ A missing server, Playwright or Chromium skips on a laptop and fails in CI
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -73,6 +75,23 @@ def module_database_url(postgres_available: None) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+#: Runs ``p3s.cli.main(argv)`` for each argv read as JSON from stdin; prints [exit code, stdout, stderr] of each.
+CLI_BATCH = """
+import contextlib, io, json, sys
+from p3s.cli import main
+results = []
+for argv in json.load(sys.stdin):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    results.append([code, out.getvalue(), err.getvalue()])
+sys.stdout.write(json.dumps(results))
+"""
+
+
 class WebPipeline:
     """Dispatcher, watcher, one pilot and ``p3s web``, each a process, on one broker vhost and one database."""
 
@@ -89,7 +108,10 @@ class WebPipeline:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         # No secret_file: the service makes its signing key in the state directory, as on a fresh install.
-        self.parts = Parts(tmp_path, self.settings, P3S_WEB_PASSWORD_FILE=str(self.password_file), **extra)
+        # No test here waits for a heartbeat or the reaper: slower ones than tests.procs.FAST leave the
+        # two cores to the browser and the web service.
+        self.parts = Parts(tmp_path, self.settings, P3S_WEB_PASSWORD_FILE=str(self.password_file),
+                           P3S_PILOT_HEARTBEAT_S="3", P3S_DISPATCHER_REAP_INTERVAL_S="2", **extra)
         self.every: list[Part] = []
 
     def start(self) -> WebPipeline:
@@ -135,12 +157,25 @@ class WebPipeline:
 
     def cli(self, *args: str) -> Any:
         """``p3s <args> --json`` with the pipeline's settings, parsed."""
-        return self.parts.json(*args)
+        (out,) = self.cli_many(list(args))
+        return out
 
     def cli_many(self, *commands: list[str]) -> list[Any]:
-        """:meth:`cli` for each command, side by side: each is a process of a second or more."""
-        with ThreadPoolExecutor(4) as pool:
-            return list(pool.map(lambda args: self.cli(*args), commands))
+        """``p3s <command> --json`` for each command, parsed; fails the test if one exits non-zero.
+
+        They run one after the other in one subprocess with the pipeline's settings, each through the
+        CLI's own ``main(argv)`` as ``python -m p3s`` runs it: a new interpreter with p3s's imports costs
+        about two CPU-seconds, and a dozen of them would take much of these tests' time budget.
+        """
+        done = subprocess.run([sys.executable, "-c", CLI_BATCH], input=json.dumps([[*c, "--json"] for c in commands]),
+                              env=self.parts.env(), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert done.returncode == 0, f"the CLI batch exited {done.returncode}: {done.stderr[-3000:]}"
+        out = []
+        for command, (code, stdout, stderr) in zip(commands, json.loads(done.stdout), strict=True):
+            assert code == 0, f"p3s {' '.join(command)} --json exited {code}: {stderr[-3000:]}"
+            out.append(json.loads(stdout))
+        return out
 
     def jobs_of(self, workflow_id: int) -> list[dict[str, Any]]:
         """A workflow's jobs, read in this process (for polling; the CLI is for what a test asserts)."""

@@ -52,6 +52,7 @@ def web(tmp_path_factory: pytest.TempPathFactory, module_broker_url: str,
         "plain": graphml({"probe": {"command": probe_command()}}, trigger="x*.raw", name="plain"),
         "fails": graphml({"decode": {"command": probe_command("--exit", "3")}}, trigger="bad*.raw", name="fails"),
         "held": held("held", "held*.raw"),
+        "doomed": held("doomed", "doomed*.raw"),  # an operator deletes it
     }
     pipeline = WebPipeline(tmp, module_broker_url, module_database_url, templates,
                            P3S_WEB_REFRESH_S="0.5", P3S_WEB_CACHE_S="0.2")
@@ -198,23 +199,23 @@ def test_an_operator_imports_a_template_raises_a_priority_and_cancels_a_workflow
     submit(page, "#cancel-form")
     assert page.inner_text("#workflow-state") == "incomplete"
 
-    # The CLI's view of the same state: all three actions are there.
+    page.goto(web.url("/templates/doomed"))
+    assert "deleted" in submit(page, ".delete-form")
+
+    # The CLI's view of the same state: every action is there.
     templates, priorities, workflows, jobs = web.cli_many(
-        ["dag", "list"], ["priority", "list"], ["workflows"], ["jobs", "--workflow", str(wf["id"])])
-    (row,) = [t for t in templates if t["name"] == "uploaded"]
-    assert (row["version"], row["trigger"], row["state"]) == (1, "up*.raw", "active"), row
+        ["dag", "list", "--all"], ["priority", "list"], ["workflows"], ["jobs", "--workflow", str(wf["id"])])
+    versions = {t["name"]: (t["version"], t["state"]) for t in templates}
+    assert versions["uploaded"] == (1, "active") and versions["doomed"] == (1, "deleted"), templates
+    assert next(t for t in templates if t["name"] == "uploaded")["trigger"] == "up*.raw"
     assert [p["priority"] for p in priorities if (p["template"], p["node"]) == ("uploaded", "wait")] == [8]
     assert next(w for w in workflows if w["id"] == wf["id"])["state"] == "incomplete", workflows
     assert [(j["state"], j["reason"], j["priority"]) for j in jobs] == [("dropped", CANCELLED, 8)], jobs
 
-    page.goto(web.url("/templates/uploaded"))
-    assert "deleted" in submit(page, ".delete-form")
-    assert [t["state"] for t in web.cli("dag", "list", "--all") if t["name"] == "uploaded"] == ["deleted"]
-
     # Each action is logged with who did it.
     log = web.web.log()
     for line in ("imported template uploaded", "set priority of uploaded/wait to 8",
-                 f"cancelled workflow {wf['id']}", "deleted template uploaded"):
+                 f"cancelled workflow {wf['id']}", "deleted template doomed"):
         assert f"operator {OPERATOR} {line}" in log, line
 
 
