@@ -108,10 +108,9 @@ class WebPipeline:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         # No secret_file: the service makes its signing key in the state directory, as on a fresh install.
-        # No test here waits for a heartbeat or the reaper: slower ones than tests.procs.FAST leave the
-        # two cores to the browser and the web service.
+        # No test here waits for the reaper: a slower one than tests.procs.FAST leaves the CPU to the rest.
         self.parts = Parts(tmp_path, self.settings, P3S_WEB_PASSWORD_FILE=str(self.password_file),
-                           P3S_PILOT_HEARTBEAT_S="3", P3S_DISPATCHER_REAP_INTERVAL_S="2", **extra)
+                           P3S_DISPATCHER_REAP_INTERVAL_S="2", **extra)
         self.every: list[Part] = []
 
     def start(self) -> WebPipeline:

@@ -144,9 +144,7 @@ def test_a_new_file_turns_finished_on_the_open_pages_without_a_reload(web: WebPi
     # The overview's on-time panel counts the workflow as ended, and on time.
     overview.page.wait_for_function(f"() => ({ON_TIME})('live') === '1 1'")
 
-    workflows, jobs = web.cli_many(["workflows"], ["jobs", "--workflow", str(wf["id"])])
-    assert next(w for w in workflows if w["id"] == wf["id"])["state"] == "finished"
-    assert {j["node"]: j["state"] for j in jobs} == {"a": "finished", "b": "finished"}
+    assert {j["node"]: j["state"] for j in web.jobs_of(wf["id"])} == {"a": "finished", "b": "finished"}
     overview.assert_not_reloaded()
     dag.assert_not_reloaded()
     screenshot(overview.page, "overview-live")
