@@ -97,6 +97,7 @@ class WebPipeline:
 
     def __init__(self, tmp_path: Path, broker_url: str, database_url: str,
                  templates: Mapping[str, str], **extra: str) -> None:
+        self.root = tmp_path
         self.watch = tmp_path / "incoming"
         self.watch.mkdir()
         self.password_file = tmp_path / "web-passwords"

@@ -3,8 +3,8 @@
 One pipeline for the module (dispatcher, watcher, a pilot and ``p3s web``,
 each a process, on RabbitMQ and PostgreSQL) and one browser; each test opens
 its own browser context, so a login in one test is not seen by another.
-What the pages show is checked against the CLI's ``--json`` view of the same
-state, run as a subprocess with the same settings.
+What operators do on the pages is checked against the CLI's ``--json`` view
+of the same state, run in a subprocess with the same settings.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.stack import graphml, probe_command
 from p3s.dispatcher import admin
 from tests import web_fixtures
+from tests.stack import graphml, probe_command
 from tests.web_fixtures import OPERATOR, PASSWORD, WebPipeline, csrf_of, refused, screenshot
 
 # The module-scoped fixtures, seen by pytest as this module's own.
@@ -40,11 +40,16 @@ def held(name: str, trigger: str) -> str:
                    trigger=trigger, budget_s=3600, name=name)
 
 
+def gate_of(root: Path) -> Path:
+    """The file the live template's first stage waits for."""
+    return root / "gate"
+
+
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory, module_broker_url: str,
         module_database_url: str) -> Iterator[WebPipeline]:
     tmp = tmp_path_factory.mktemp("web-browser")
-    gate = tmp / "gate"
+    gate = gate_of(tmp)
     templates = {
         # Its first stage holds on until the test opens the gate, so the pages see it running first.
         "live": graphml({"a": {"command": probe_command("--until", str(gate))}, "b": {"command": probe_command()}},
@@ -56,7 +61,6 @@ def web(tmp_path_factory: pytest.TempPathFactory, module_broker_url: str,
     }
     pipeline = WebPipeline(tmp, module_broker_url, module_database_url, templates,
                            P3S_WEB_REFRESH_S="0.5", P3S_WEB_CACHE_S="0.2")
-    pipeline.gate = gate  # type: ignore[attr-defined]
     try:
         yield pipeline.start()
     finally:
@@ -137,7 +141,7 @@ def test_a_new_file_turns_finished_on_the_open_pages_without_a_reload(web: WebPi
     overview.page.wait_for_function(f"() => ({ARRIVALS})(['1m', 'accepted']) > {before}")
     assert overview.page.evaluate(ARRIVALS, ["24h", "accepted"]) >= 1
 
-    web.gate.write_text("open")  # type: ignore[attr-defined]
+    gate_of(web.root).write_text("open")
     dag.page.wait_for_function(
         f"() => {{ const s = ({DAG_STATES})(); return s.a === 'finished' && s.b === 'finished'; }}")
     dag.page.wait_for_function("() => document.querySelector('#workflow-state').textContent.trim() === 'finished'")
