@@ -13,6 +13,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from urllib.parse import quote
 
 import pytest
@@ -52,9 +53,9 @@ def rabbitmq_available() -> None:
         unavailable("RabbitMQ", "rabbitmqctl is not installed (needed to make a vhost per test)")
 
 
-@pytest.fixture
-def broker_url(rabbitmq_available: None) -> Iterator[str]:
-    """A fresh vhost on the real RabbitMQ, deleted afterwards."""
+@contextmanager
+def scratch_vhost() -> Iterator[str]:
+    """A fresh vhost on the real RabbitMQ; yields its URL, deletes it after."""
     vhost = f"p3s-test-{uuid.uuid4().hex[:10]}"
     rabbitmqctl("add_vhost", vhost)
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
@@ -62,6 +63,13 @@ def broker_url(rabbitmq_available: None) -> Iterator[str]:
         yield f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{quote(vhost, safe='')}"
     finally:
         rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def broker_url(rabbitmq_available: None) -> Iterator[str]:
+    """A fresh vhost on the real RabbitMQ, deleted afterwards."""
+    with scratch_vhost() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -79,24 +87,23 @@ def postgres_available() -> None:
 @pytest.fixture
 def new_database(postgres_available: None) -> Iterator[Callable[[], str]]:
     """Makes fresh PostgreSQL databases on demand; drops them all afterwards."""
+    with ExitStack() as stack:
+        yield lambda: stack.enter_context(scratch_database())
+
+
+@contextmanager
+def scratch_database() -> Iterator[str]:
+    """A fresh PostgreSQL database; yields its URL, drops it (forcing other sessions out) after."""
     import psycopg
 
-    names: list[str] = []
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-
-    def make() -> str:
-        name = f"p3s_test_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        names.append(name)
-        return f"{base}/{name}"
-
+    name = f"p3s_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield make
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            for name in names:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

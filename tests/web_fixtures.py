@@ -17,18 +17,16 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 from sqlalchemy.orm import Session
 
 from p3s import db
 from p3s.dispatcher import admin
-from tests.conftest import PG_ADMIN_URL, RABBITMQ_HOST, RABBITMQ_PORT, rabbitmqctl, unavailable
+from tests.conftest import scratch_database, scratch_vhost, unavailable
 from tests.pgserver import free_port
 from tests.procs import ROOT, Part, Parts, import_template
 from tests.stack import make_settings
@@ -51,28 +49,15 @@ def artifacts_dir() -> Path:
 @pytest.fixture(scope="module")
 def module_broker_url(rabbitmq_available: None) -> Iterator[str]:
     """A fresh vhost for one test module, deleted afterwards."""
-    vhost = f"p3s-test-{uuid.uuid4().hex[:10]}"
-    rabbitmqctl("add_vhost", vhost)
-    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    try:
-        yield f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{quote(vhost, safe='')}"
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
+    with scratch_vhost() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def module_database_url(postgres_available: None) -> Iterator[str]:
     """A fresh PostgreSQL database for one test module, dropped afterwards."""
-    import psycopg
-
-    name = f"p3s_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database() as url:
+        yield url
 
 
 #: Runs ``p3s.cli.main(argv)`` for each argv read as JSON from stdin; prints [exit code, stdout, stderr] of each.
