@@ -47,17 +47,28 @@ def encode(message: Any) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def _load(body: bytes | str) -> dict[str, Any]:
-    if len(body) > BODY_MAX:
-        raise InvalidMessage(f"body of {len(body)} bytes is over the limit of {BODY_MAX}")
+def load_json(text: bytes | str, limit: int, what: str = "body",
+              error: type[InvalidMessage] = InvalidMessage) -> Any:
+    """``json.loads(text)`` for text from outside: ``error`` for text over ``limit`` or not JSON p3s can read.
+
+    ``what`` names the text in the message when it is not a message body
+    (``manifest is not JSON: ...``).
+    """
+    if len(text) > limit:
+        raise error(f"{what} of {len(text)} bytes is over the limit of {limit}")
+    prefix = "" if what == "body" else f"{what} is "
     try:
-        data = json.loads(body)
+        return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidMessage(f"not JSON: {exc}") from None
+        raise error(f"{prefix}not JSON: {exc}") from None
     except RecursionError:
-        raise InvalidMessage("not JSON p3s can read: nested too deep") from None
+        raise error(f"{prefix}not JSON p3s can read: nested too deep") from None
     except ValueError as exc:  # an integer of thousands of digits, say
-        raise InvalidMessage(f"not JSON p3s can read: {exc}") from None
+        raise error(f"{prefix}not JSON p3s can read: {exc}") from None
+
+
+def _load(body: bytes | str) -> dict[str, Any]:
+    data = load_json(body, BODY_MAX)
     if not isinstance(data, dict):
         raise InvalidMessage("not a JSON object")
     if data.get("v") != SCHEMA_VERSION:

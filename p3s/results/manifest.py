@@ -210,14 +210,9 @@ def _entry(where: str, kind: str, spec: Any) -> Entry:
 
 def parse_manifest(text: bytes | str, max_bytes: int = MANIFEST_MAX_BYTES) -> Manifest:
     """The manifest in ``text``; ManifestError naming the first thing wrong with it."""
-    if len(text) > max_bytes:
-        raise ManifestError(f"manifest of {len(text)} bytes is over the limit of {max_bytes}")
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"manifest is not JSON: {exc}") from None
-    except (RecursionError, ValueError) as exc:
-        raise ManifestError(f"manifest is not JSON p3s can read: {type(exc).__name__}") from None
+    from p3s.messages import load_json  # here: p3s.messages imports this module to check job reports
+
+    data = load_json(text, max_bytes, "manifest", ManifestError)
     data = _object("manifest", data, ("p3s_results", "metrics", "plots", "files", "labels"))
     if data.get("p3s_results", MANIFEST_VERSION) != MANIFEST_VERSION:
         raise ManifestError(f"manifest: p3s_results is {_show(data.get('p3s_results'))}, not {MANIFEST_VERSION}")
