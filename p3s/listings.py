@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from p3s import rows as build
 from p3s import schema
 
 PREFIX = "sqlite:///"
@@ -69,9 +70,7 @@ def _revision(connection: sqlite3.Connection) -> str | None:
 
 def _files(connection: sqlite3.Connection, limit: int = 100) -> list[Row]:
     rows = connection.execute(
-        "SELECT id, name, path, stream, source, decision, by_hand, forced, seen_at, reason"
-        " FROM files ORDER BY id DESC LIMIT ?",
-        (limit,),
+        f"SELECT {', '.join(build.FILE_COLUMNS)} FROM files ORDER BY id DESC LIMIT ?", (limit,)
     ).fetchall()
     counts: dict[int, int] = {}
     ids = [r["id"] for r in rows]
@@ -83,47 +82,17 @@ def _files(connection: sqlite3.Connection, limit: int = 100) -> list[Row]:
                 f"SELECT file_id, count(*) FROM workflows WHERE file_id IN ({marks}) GROUP BY file_id", chunk
             ).fetchall()
         )
-    return [
-        {
-            "id": r["id"],
-            "name": r["name"],
-            "path": r["path"],
-            "stream": r["stream"],
-            "source": r["source"],
-            "decision": r["decision"],
-            "state": r["decision"],
-            "by_hand": bool(r["by_hand"]),
-            "forced": bool(r["forced"]),
-            "workflows": counts.get(r["id"], 0),
-            "seen_at": r["seen_at"],
-            "reason": r["reason"],
-        }
-        for r in rows
-    ]
+    return [build.file_row(r, counts.get(r["id"], 0)) for r in rows]
 
 
 def _workflows(connection: sqlite3.Connection, limit: int = 100, state: str | None = None) -> list[Row]:
     where, params = _where(("w.state", state))
     rows = connection.execute(
-        "SELECT w.id, w.template, w.template_id, f.path, w.state, w.seen_at, w.created_at, w.deadline, w.ended_at"
+        f"SELECT {_qualified('w', build.WORKFLOW_COLUMNS)}, f.path"
         f" FROM workflows w JOIN files f ON w.file_id = f.id{where} ORDER BY w.id DESC LIMIT ?",
         (*params, limit),
-    ).fetchall()
-    return [
-        {
-            "id": r["id"],
-            "template": r["template"],
-            "template_id": r["template_id"],
-            "file": r["path"],
-            "state": r["state"],
-            "seen_at": r["seen_at"],
-            "created_at": r["created_at"],
-            "deadline": r["deadline"],
-            "ended_at": r["ended_at"],
-            "latency_s": (r["ended_at"] - r["seen_at"]) if r["ended_at"] else None,
-        }
-        for r in rows
-    ]
+    )
+    return [build.workflow_row(r) for r in rows]
 
 
 def _jobs(
@@ -131,59 +100,24 @@ def _jobs(
 ) -> list[Row]:
     where, params = _where(("j.state", state), ("j.workflow_id", workflow_id))
     rows = connection.execute(
-        "SELECT j.id, j.workflow_id, j.template, j.node, j.state, f.path, j.exit_code, j.log, j.reason,"
-        " j.pilot_id, j.priority, j.queue, j.deadline, j.queued_at, j.started_at, j.ended_at, w.seen_at"
+        f"SELECT {_qualified('j', build.JOB_COLUMNS)}, f.path, w.seen_at"
         " FROM jobs j JOIN workflows w ON j.workflow_id = w.id JOIN files f ON w.file_id = f.id"
         f"{where} ORDER BY j.id DESC LIMIT ?",
         (*params, limit),
-    ).fetchall()
-    return [
-        {
-            "id": r["id"],
-            "workflow_id": r["workflow_id"],
-            "template": r["template"],
-            "node": r["node"],
-            "state": r["state"],
-            "file": r["path"],
-            "exit_code": r["exit_code"],
-            "log": r["log"],
-            "reason": r["reason"],
-            "pilot_id": r["pilot_id"],
-            "priority": r["priority"],
-            "queue": r["queue"],
-            "deadline": r["deadline"],
-            "queued_at": r["queued_at"],
-            "started_at": r["started_at"],
-            "ended_at": r["ended_at"],
-            "latency_s": (r["started_at"] - r["seen_at"]) if r["started_at"] else None,
-        }
-        for r in rows
-    ]
+    )
+    return [build.job_row(r) for r in rows]
 
 
 def _templates(connection: sqlite3.Connection, include_deleted: bool = False) -> list[Row]:
     rows = connection.execute(
-        "SELECT id, name, version, trigger, budget_s, deleted_at,"
+        f"SELECT {', '.join(build.TEMPLATE_COLUMNS)},"
         " coalesce(json_array_length(spec, '$.nodes'), 0) AS nodes FROM templates ORDER BY name, version"
-    ).fetchall()
-    latest = {r["name"]: r["version"] for r in rows}
-    out = []
-    for r in rows:
-        superseded = r["version"] != latest[r["name"]]
-        if (superseded or r["deleted_at"] is not None) and not include_deleted:
-            continue
-        out.append(
-            {
-                "id": r["id"],
-                "name": r["name"],
-                "version": r["version"],
-                "state": "deleted" if r["deleted_at"] else ("superseded" if superseded else "active"),
-                "trigger": r["trigger"],
-                "budget_s": r["budget_s"],
-                "nodes": r["nodes"],
-            }
-        )
-    return out
+    )
+    return build.template_rows(rows, include_deleted)
+
+
+def _qualified(table: str, columns: tuple[str, ...]) -> str:
+    return ", ".join(f"{table}.{column}" for column in columns)
 
 
 def _where(*conditions: tuple[str, Any]) -> tuple[str, tuple[Any, ...]]:

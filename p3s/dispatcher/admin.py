@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from p3s import rows as build
 from p3s.db import FileRecord, Job, Pilot, StagePriority, TemplateRecord, Workflow
 from p3s.errors import NotFound, TemplateError
 from p3s.states import PilotState
@@ -97,31 +98,17 @@ def delete_template(session: Session, name: str) -> int:
 
 
 def list_templates(session: Session, include_deleted: bool = False) -> list[dict[str, Any]]:
-    query = select(TemplateRecord).order_by(TemplateRecord.name, TemplateRecord.version)
-    rows = []
-    latest: dict[str, int] = {}
-    for r in session.scalars(query):
-        latest[r.name] = r.version
-        rows.append(r)
-    out = []
-    for r in rows:
-        if r.version != latest[r.name] and not include_deleted:
-            continue
-        if r.deleted_at is not None and not include_deleted:
-            continue
-        out.append(
-            {
-                "id": r.id,
-                "name": r.name,
-                "version": r.version,
-                # Workflows are made from the newest version only; older ones are history.
-                "state": "deleted" if r.deleted_at else ("superseded" if r.version != latest[r.name] else "active"),
-                "trigger": r.trigger,
-                "budget_s": r.budget_s,
-                "nodes": len(r.spec.get("nodes", [])),
-            }
-        )
-    return out
+    query = select(*_columns(TemplateRecord, build.TEMPLATE_COLUMNS), TemplateRecord.spec).order_by(
+        TemplateRecord.name, TemplateRecord.version
+    )
+    return build.template_rows(
+        ({**r, "nodes": len(r["spec"].get("nodes", []))} for r in session.execute(query).mappings()), include_deleted
+    )
+
+
+def _columns(table: Any, names: tuple[str, ...]) -> list[Any]:
+    """The columns of ``table`` that a listing of :mod:`p3s.rows` reads, by their names there."""
+    return [getattr(table, name) for name in names]
 
 
 def find_active_template(session: Session, name: str) -> TemplateRecord:
@@ -207,7 +194,7 @@ def list_files(
     until: float | None = None,
 ) -> list[dict[str, Any]]:
     """Files, newest first; ``name`` matches part of the name, ``since``/``until`` the time received."""
-    query = select(FileRecord)
+    query = select(*_columns(FileRecord, build.FILE_COLUMNS))
     if name:
         query = query.where(FileRecord.name.like(_like(name), escape="\\"))
     if decision:
@@ -216,34 +203,18 @@ def list_files(
         query = query.where(FileRecord.received_at >= since)
     if until is not None:
         query = query.where(FileRecord.received_at < until)
-    rows = session.scalars(query.order_by(FileRecord.id.desc()).limit(limit)).all()
+    rows = session.execute(query.order_by(FileRecord.id.desc()).limit(limit)).mappings().all()
     # Workflows counted for the files shown only: never a whole table.
     counts: dict[int, int] = {}
     if rows:
         counts = dict(
             session.execute(
                 select(Workflow.file_id, func.count())
-                .where(Workflow.file_id.in_([f.id for f in rows]))
+                .where(Workflow.file_id.in_([f["id"] for f in rows]))
                 .group_by(Workflow.file_id)
             ).all()
         )
-    return [
-        {
-            "id": f.id,
-            "name": f.name,
-            "path": f.path,
-            "stream": f.stream,
-            "source": f.source,
-            "decision": f.decision,
-            "state": f.decision,
-            "by_hand": f.by_hand,
-            "forced": f.forced,
-            "workflows": counts.get(f.id, 0),
-            "seen_at": f.seen_at,
-            "reason": f.reason,
-        }
-        for f in rows
-    ]
+    return [build.file_row(f, counts.get(f["id"], 0)) for f in rows]
 
 
 def list_workflows(
@@ -253,29 +224,16 @@ def list_workflows(
     template: str | None = None,
     workflow_id: int | None = None,
 ) -> list[dict[str, Any]]:
-    query = select(Workflow, FileRecord).join(FileRecord, Workflow.file_id == FileRecord.id)
+    query = select(*_columns(Workflow, build.WORKFLOW_COLUMNS), FileRecord.path).join(
+        FileRecord, Workflow.file_id == FileRecord.id
+    )
     if state:
         query = query.where(Workflow.state == state)
     if template:
         query = query.where(Workflow.template == template)
     if workflow_id is not None:
         query = query.where(Workflow.id == workflow_id)
-    rows = session.execute(query.order_by(Workflow.id.desc()).limit(limit)).all()
-    return [
-        {
-            "id": w.id,
-            "template": w.template,
-            "template_id": w.template_id,
-            "file": f.path,
-            "state": w.state,
-            "seen_at": w.seen_at,
-            "created_at": w.created_at,
-            "deadline": w.deadline,
-            "ended_at": w.ended_at,
-            "latency_s": (w.ended_at - w.seen_at) if w.ended_at else None,
-        }
-        for w, f in rows
-    ]
+    return [build.workflow_row(r) for r in session.execute(query.order_by(Workflow.id.desc()).limit(limit)).mappings()]
 
 
 def list_jobs(
@@ -289,7 +247,7 @@ def list_jobs(
     job_id: int | None = None,
 ) -> list[dict[str, Any]]:
     query = (
-        select(Job, Workflow, FileRecord)
+        select(*_columns(Job, build.JOB_COLUMNS), FileRecord.path, Workflow.seen_at)
         .join(Workflow, Job.workflow_id == Workflow.id)
         .join(FileRecord, Workflow.file_id == FileRecord.id)
     )
@@ -305,29 +263,7 @@ def list_jobs(
         query = query.where(Job.pilot_id == pilot_id)
     if job_id is not None:
         query = query.where(Job.id == job_id)
-    rows = session.execute(query.order_by(Job.id.desc()).limit(limit)).all()
-    return [
-        {
-            "id": j.id,
-            "workflow_id": j.workflow_id,
-            "template": j.template,
-            "node": j.node,
-            "state": j.state,
-            "file": f.path,
-            "exit_code": j.exit_code,
-            "log": j.log,
-            "reason": j.reason,
-            "pilot_id": j.pilot_id,
-            "priority": j.priority,
-            "queue": j.queue,
-            "deadline": j.deadline,
-            "queued_at": j.queued_at,
-            "started_at": j.started_at,
-            "ended_at": j.ended_at,
-            "latency_s": (j.started_at - w.seen_at) if j.started_at else None,
-        }
-        for j, w, f in rows
-    ]
+    return [build.job_row(r) for r in session.execute(query.order_by(Job.id.desc()).limit(limit)).mappings()]
 
 
 def list_pilots(session: Session, limit: int = 100) -> list[dict[str, Any]]:
@@ -336,7 +272,12 @@ def list_pilots(session: Session, limit: int = 100) -> list[dict[str, Any]]:
     The running report of a job arrives the moment the pilot starts it, a
     heartbeat only some seconds later: the job is shown from the first.
     """
-    rows = session.scalars(select(Pilot).order_by(Pilot.last_seen.desc()).limit(limit)).all()
+    rows = session.execute(
+        select(Pilot.id, Pilot.host, Pilot.pid, Pilot.queues, Pilot.state, Pilot.job_id, Pilot.jobs_done,
+               Pilot.started_at, Pilot.last_seen, Pilot.problem)
+        .order_by(Pilot.last_seen.desc())
+        .limit(limit)
+    ).all()
     ids = [p.id for p in rows]
     running: dict[str, int] = {}
     if ids:
