@@ -203,7 +203,13 @@ def list_files(
         query = query.where(FileRecord.received_at >= since)
     if until is not None:
         query = query.where(FileRecord.received_at < until)
-    rows = session.execute(query.order_by(FileRecord.id.desc()).limit(limit)).mappings().all()
+    if since is None and until is None:
+        order = [FileRecord.id.desc()]
+    else:
+        # Newest received first: a day weeks back is read from the time index, where by id PostgreSQL walked
+        # the newer files first, not knowing that ids and times rise together (73 ms on four weeks of files).
+        order = [FileRecord.received_at.desc(), FileRecord.id.desc()]
+    rows = session.execute(query.order_by(*order).limit(limit)).mappings().all()
     # Workflows counted for the files shown only: never a whole table.
     counts: dict[int, int] = {}
     if rows:

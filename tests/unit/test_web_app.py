@@ -40,7 +40,7 @@ class World:
         (tmp_path / "tokens").write_text(f"bob:{TOKEN}\n")
         self.settings = make_settings(tmp_path, P3S_WEB_PASSWORD_FILE=str(tmp_path / "passwords"),
                                       P3S_WEB_TOKEN_FILE=str(tmp_path / "tokens"), P3S_WEB_NOMINAL_PILOTS="4",
-                                      P3S_SAMPLING='{"raw": 0.5}', P3S_WEB_CACHE_S="60", **env)
+                                      P3S_SAMPLING='{"raw": 0.5}', **{"P3S_WEB_CACHE_S": "60", **env})
         # A copy of one upgraded database: running the migrations for each test would cost seconds.
         path = Path(self.settings.database_url.removeprefix("sqlite:///"))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -360,3 +360,16 @@ def test_the_overview_answers_and_says_so_when_the_broker_does_not(tmp_path: Pat
         assert note.startswith("broker unreachable: ") and note.endswith("(asked again within 15s)")
     finally:
         w.engine.dispose()
+
+
+def test_files_in_a_time_window_are_listed_newest_received_first(world: World) -> None:
+    from p3s.db import FileRecord
+
+    world.record("early.dat", "late.dat")
+    with Session(world.engine) as s, s.begin():
+        # Two dispatchers may record files out of the order they were received in.
+        s.execute(update(FileRecord).where(FileRecord.name == "late.dat").values(received_at=1000.0))
+        s.execute(update(FileRecord).where(FileRecord.name == "early.dat").values(received_at=2000.0))
+    answer = world.client.get("/api/files?since=500&until=5000").json()
+    assert [f["name"] for f in answer] == ["early.dat", "late.dat"]
+    assert [f["name"] for f in world.client.get("/api/files?since=1500&until=5000").json()] == ["early.dat"]
