@@ -598,7 +598,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.web:
         from p3s.web.app import WebServer
 
-        group.web = WebServer(settings, args.bind, engine=group.dispatcher.engine if group.dispatcher else None)
+        group.web = WebServer(settings, args.bind, engine=group.dispatcher.engine if group.dispatcher else None,
+                              beside_pipeline=True)
     try:
         return _run_group(group, reload_settings=lambda: load_settings(args.config))
     finally:
@@ -948,6 +949,16 @@ class _NoHostnameFilter(logging.Filter):
         return not record.getMessage().startswith("No hostname was supplied")
 
 
+def log_to_stderr(level: str) -> None:
+    """Every command's logging (and each ``p3s web`` worker's): one line per record, control characters escaped."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s[%(threadName)s]: %(message)s"))
+    handler.addFilter(_NoHostnameFilter())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # Alembic narrates every step at INFO; an operator wants only its warnings.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from p3s.errors import BrokerUnavailable, ConfigError, DatabaseUnavailable, NotFound, P3SError, TemplateError
 
@@ -958,12 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = args.log_level or (env_level if env_level in LOG_LEVELS else "INFO")
     if args.command == "demo" and not args.log_level:
         level = "WARNING"  # the demo prints its own progress; INFO lines would drown it
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s[%(threadName)s]: %(message)s"))
-    handler.addFilter(_NoHostnameFilter())
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-    # Alembic narrates every step at INFO; an operator wants only its warnings.
-    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
+    log_to_stderr(level)
     try:
         return int(args.func(args))
     except (ConfigError, TemplateError, NotFound) as exc:

@@ -287,9 +287,11 @@ class WebSettings:
     secret_file: str = ""
     # The pilot count the overview checks the live pilots against; 0: no check.
     nominal_pilots: int = 0
-    # Seconds between live refreshes of a page, and how long one computed overview is shared.
+    # Seconds between live refreshes of a page, and how long a computed page is shared.
     refresh_s: float = 5.0
     cache_s: float = 1.0
+    # Processes serving requests (uvicorn workers on one socket); one is enough for a few viewers.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -554,12 +556,15 @@ def _validate(s: Settings) -> None:
     if s.dispatcher.batch_size < 1:
         raise ConfigError("dispatcher.batch_size: must be at least 1")
     split_bind(s.web.bind)
+    if not 1 <= s.web.workers <= 64:
+        raise ConfigError(f"web.workers: must be from 1 to 64, got {s.web.workers}")
     if s.web.nominal_pilots < 0:
         raise ConfigError("web.nominal_pilots: must be 0 (no check) or positive")
-    for key in ("refresh_s", "cache_s"):
-        value = getattr(s.web, key)
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"web.{key}: must be a positive number of seconds, got {value}")
+    if not (math.isfinite(s.web.refresh_s) and s.web.refresh_s > 0):
+        raise ConfigError(f"web.refresh_s: must be a positive number of seconds, got {s.web.refresh_s}")
+    if not (math.isfinite(s.web.cache_s) and s.web.cache_s >= 0):
+        raise ConfigError(f"web.cache_s: must be 0 (nothing shared) or a positive number of seconds, "
+                          f"got {s.web.cache_s}")
     for key, limit in dataclasses.asdict(s.templates).items():
         if not limit > 0:
             raise ConfigError(f"templates.{key}: must be positive, got {limit}")

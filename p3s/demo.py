@@ -77,7 +77,7 @@ def run_demo(
     if web is not None:
         from p3s.web.app import WebServer
 
-        group.web = WebServer(settings, web or None, engine=engine)
+        group.web = WebServer(settings, web or None, engine=engine, beside_pipeline=True)
     group.start()
     assert group.watcher is not None
     group.watcher.ready.wait(10)

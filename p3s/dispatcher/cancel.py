@@ -146,10 +146,11 @@ def cancel_job(session: Session, ctx: Context, job_id: int) -> Cancellation:
     return result
 
 
-def cancel_and_tell(session: Session, settings: Settings, what: str, ident: int) -> Cancellation:
+def cancel_and_tell(session: Session, settings: Settings, what: str, ident: int,
+                    in_process: bool = False) -> Cancellation:
     """Cancel a workflow or a job (``what``) in one transaction, then tell the pilots of its running jobs.
 
-    ``p3s cancel`` and the web's cancel buttons both come here.
+    ``p3s cancel`` and the web's cancel buttons both come here; ``in_process``: see :func:`send`.
     """
     if what not in ("workflow", "job"):
         raise ValueError(f"cancel a workflow or a job, not {what!r}")
@@ -158,7 +159,7 @@ def cancel_and_tell(session: Session, settings: Settings, what: str, ident: int)
         result = (cancel_workflow if what == "workflow" else cancel_job)(session, ctx, ident)
     ctx.committed()
     # After the commit: a pilot told to end a payload must find its job still on record as running.
-    send(settings, result.controls)
+    send(settings, result.controls, in_process)
     return result
 
 
@@ -193,11 +194,15 @@ def _shown_state(pilot: Pilot) -> str:
     return str(pilot.state)
 
 
-def send(settings: Settings, controls: list[Control]) -> int:
-    """Publish ``controls`` to p3s.control, confirmed; how many were sent."""
+def send(settings: Settings, controls: list[Control], in_process: bool = False) -> int:
+    """Publish ``controls`` to p3s.control, confirmed; how many were sent.
+
+    On the embedded broker only a caller in the pipeline's own process
+    (``in_process``: the web monitor of ``p3s run --web``) reaches the pilots.
+    """
     if not controls:
         return 0
-    if settings.broker.embedded:
+    if settings.broker.embedded and not in_process:
         raise ConfigError(
             "pilots on the embedded broker can be told nothing from another process: "
             "set P3S_BROKER_URL to the broker the pilots use"

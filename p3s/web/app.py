@@ -9,16 +9,22 @@ actions call the functions the CLI calls, behind a login and a CSRF token.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
+import secrets
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import jinja2
+import uvicorn
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -34,7 +40,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from p3s.config import Settings
-from p3s.dispatcher import admin, status
+from p3s.dispatcher import admin
 from p3s.errors import NotFound, P3SError, TemplateError
 from p3s.results import query as result_query
 from p3s.states import Decision, JobState, WorkflowState
@@ -138,8 +144,25 @@ def _share(value: Any) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+class _Environment(jinja2.Environment):
+    """Jinja2's environment, finding a row's field (``j.state``) without first failing to find an
+    attribute of that name: a page of a hundred rows asks a thousand times."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        # What Jinja2 finds after getattr() has raised; a dict's own attributes (``metrics.get``) as before.
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                pass
+        return super().getattr(obj, attribute)
+
+
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
+    env = _Environment(
         loader=jinja2.FileSystemLoader(str(HERE / "templates")),
         autoescape=True,  # every template, whatever its name
         undefined=jinja2.StrictUndefined,
@@ -154,16 +177,22 @@ def _environment() -> jinja2.Environment:
 class Web:
     """The service's state: settings, engine, operators, templates and the shared overview."""
 
-    def __init__(self, settings: Settings, engine: Engine, ask_broker: bool) -> None:
+    def __init__(self, settings: Settings, engine: Engine, ask_broker: bool, beside_pipeline: bool = False) -> None:
         self.settings = settings
         self.engine = engine
         self.ask_broker = ask_broker
+        # In the pipeline's own process (p3s run --web): even the embedded broker reaches its pilots.
+        self.beside_pipeline = beside_pipeline
         self.operators = auth.Operators.from_settings(settings)
         self.env = _environment()
         self.refused: dict[str, int] = {}
         self.broker_retry_at = 0.0  # time.monotonic() after which an unreachable broker is asked again
         self.broker_note = ""
         self.overview_cache = queries.Cached(self._overview, settings.web.cache_s)
+        # Answers to GET requests, shared for cache_s by the clients asking the same thing.
+        self.pages = queries.Shared(settings.web.cache_s)
+        # Stands for the CSRF token in a shared answer; each client's own is put in its place.
+        self.csrf_marker = secrets.token_hex(16)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -200,7 +229,7 @@ class Web:
         context = {
             "request": request,
             "operator": self.who(request),
-            "csrf": auth.csrf_token(request),
+            "csrf": self.csrf_marker if getattr(request.state, "shared", False) else _LazyCsrf(request),
             "refresh_s": self.settings.web.refresh_s,
             "anonymous_view": self.settings.web.anonymous_view,
             "flash": request.session.pop("flash", None),
@@ -218,6 +247,33 @@ class Web:
             return JSONResponse({"error": detail, "status": code}, code)
         return self.render(request, "error.html", code, code=code, detail=detail)
 
+    def shared(self, request: Request, make: Callable[[], Response]) -> Response:
+        """``make()``'s answer, shared for ``web.cache_s`` with every client asking the same path and query
+        as the same operator (or none): fifty shifters watching one page cost one query and one rendering
+        a second, not fifty.  An answer that carries a flash message is this client's alone."""
+        if "flash" in request.session:
+            return make()
+
+        def frozen() -> tuple[int, bytes, dict[str, str]]:
+            request.state.shared = True
+            try:
+                answer = make()
+            finally:
+                request.state.shared = False  # an error page is rendered for this client alone
+            headers = {k: v for k, v in answer.headers.items() if k != "content-length"}
+            return answer.status_code, bytes(answer.body), headers
+
+        code, body, headers = self.pages.get((request.url.path, request.url.query, self.who(request)), frozen)
+        marker = self.csrf_marker.encode()
+        if marker in body:
+            body = body.replace(marker, auth.csrf_token(request).encode())
+        return Response(body, code, headers=headers)
+
+    def changed(self) -> None:
+        """An operator changed something: nothing shared from before may be shown again."""
+        self.pages.clear()
+        self.overview_cache.expire()
+
     # -- endpoints: a page and its JSON twin share one function -------------------------
 
     def pair(self, path: str, template: str, data: Callable[[Request], dict[str, Any] | list[Any]],
@@ -227,25 +283,31 @@ class Web:
         def html(request: Request) -> Response:
             if not self.may_view(request):
                 return RedirectResponse(f"/login?next={quote(request.url.path)}", 303)
-            value = data(request)
-            extra = page(request, value) if page else {}
-            return self.render(request, template, data=value, **extra)
+
+            def make() -> Response:
+                value = data(request)
+                extra = page(request, value) if page else {}
+                return self.render(request, template, data=value, **extra)
+
+            return self.shared(request, make)
 
         def api(request: Request) -> Response:
             if not self.may_view(request):
                 self.refuse("login")
                 return JSONResponse({"error": "log in to view (web.anonymous_view is false)", "status": 401}, 401)
-            return JSONResponse(data(request))
+            return self.shared(request, lambda: JSONResponse(data(request)))
 
         routes = [Route(path, html, name=template.removesuffix(".html"))]
         api_path = "/api/overview" if path == "/" else f"/api{path}"
         return [*routes, Route(api_path, api)]
 
-    def viewer(self, fn: Callable[[Request], Response]) -> Callable[[Request], Response]:
+    def viewer(self, fn: Callable[[Request], Response], share: bool = True) -> Callable[[Request], Response]:
+        """``fn`` for viewers; its answers shared (:meth:`shared`) unless ``share`` is false (a file)."""
+
         def endpoint(request: Request) -> Response:
             if not self.may_view(request):
                 return RedirectResponse(f"/login?next={quote(request.url.path)}", 303)
-            return fn(request)
+            return self.shared(request, lambda: fn(request)) if share else fn(request)
 
         return endpoint
 
@@ -256,7 +318,8 @@ class Web:
         return self.overview_cache.get()
 
     def status(self, request: Request) -> dict[str, Any]:
-        return self.read(status.collect, self.settings, ask_broker=self.ask_broker)
+        # p3s status --json, as the overview computed it (it asks the broker and the database once for both).
+        return dict(self.overview_cache.get()["status"])
 
     def files(self, request: Request) -> list[dict[str, Any]]:
         p = Params(request)
@@ -356,7 +419,8 @@ class Web:
                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     def healthz(self, request: Request) -> Response:
-        return JSONResponse({"ok": True, "refused": self.refused})
+        # With several workers, each counts its own: the pid says which one answered.
+        return JSONResponse({"ok": True, "pid": os.getpid(), "refused": self.refused})
 
     def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi())
@@ -420,6 +484,7 @@ class Web:
             self.refuse("action")
             log.info("operator %s: refused: %s", who, exc)
             return self.error(request, code, str(exc))
+        self.changed()
         request.session["flash"] = said
         return RedirectResponse(where(form), 303)
 
@@ -465,7 +530,8 @@ class Web:
         def do(form: Any, who: str) -> str:
             from p3s.dispatcher import cancel
 
-            result = cancel.cancel_and_tell(Session(self.engine), self.settings, what, ident)
+            result = cancel.cancel_and_tell(Session(self.engine), self.settings, what, ident,
+                                            in_process=self.beside_pipeline)
             log.info("operator %s cancelled %s %s", who, what, ident)
             return "; ".join(result.lines())
 
@@ -534,9 +600,22 @@ class Web:
             if not self.may_view(request):
                 self.refuse("login")
                 return JSONResponse({"error": "log in to view (web.anonymous_view is false)", "status": 401}, 401)
-            return JSONResponse(fn(request))
+            return self.shared(request, lambda: JSONResponse(fn(request)))
 
         return endpoint
+
+
+class _LazyCsrf:
+    """The session's CSRF token, made only if a template shows it: a page without a form sets no cookie."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+
+    def __str__(self) -> str:
+        return auth.csrf_token(self.request)
+
+    def __html__(self) -> str:
+        return str(self)
 
 
 def _field(form: Any, name: str) -> str:
@@ -559,14 +638,16 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "?"
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None, broker_counts: bool = True) -> Starlette:
+def create_app(settings: Settings, *, engine: Engine | None = None, broker_counts: bool = True,
+               beside_pipeline: bool = False) -> Starlette:
     """The web service over ``engine`` (default: the configured database); ``broker_counts`` false
-    leaves queue depths unasked (tests without a broker)."""
+    leaves queue depths unasked (tests without a broker); ``beside_pipeline``: it runs in the pipeline's
+    process (``p3s run --web``), whose pilots it may tell to stop a payload even on the embedded broker."""
     from p3s import db
 
     if engine is None:
         engine = db.make_engine(settings.database_url)
-    web = Web(settings, engine, broker_counts)
+    web = Web(settings, engine, broker_counts, beside_pipeline)
 
     def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -594,6 +675,27 @@ def create_app(settings: Settings, *, engine: Engine | None = None, broker_count
     return app
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending normally on SIGTERM or Ctrl-C.
+
+    uvicorn raises the signal again once it has shut down, so ``p3s web``
+    would end as killed by it (status 143) however cleanly it stopped;
+    p3s's parts end with status 0 after a clean stop.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # beside the pipeline (p3s run --web): the main thread's handlers stop it
+            return
+        before = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+
+
 class WebServer:
     """The service under uvicorn, run in a thread beside the pipeline (``p3s run --web``, ``p3s demo --web``).
 
@@ -601,16 +703,14 @@ class WebServer:
     requests and return.
     """
 
-    def __init__(self, settings: Settings, bind: str | None = None, engine: Engine | None = None) -> None:
-        import uvicorn
-
+    def __init__(self, settings: Settings, bind: str | None = None, engine: Engine | None = None,
+                 beside_pipeline: bool = False) -> None:
         from p3s.config import split_bind
 
         self.host, self.port = split_bind(bind or settings.web.bind, "--bind" if bind else "web.bind")
-        app = create_app(settings, engine=engine)
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", access_log=False,
-                                proxy_headers=False, timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+        app = create_app(settings, engine=engine, beside_pipeline=beside_pipeline)
+        config = uvicorn.Config(app, **_uvicorn_options(self.host, self.port))
+        self.server = _Server(config)
 
     @property
     def url(self) -> str:
@@ -634,12 +734,41 @@ class WebServer:
 
 
 def serve(settings: Settings, bind: str | None = None) -> int:
-    """Run the service with uvicorn until SIGTERM or Ctrl-C (uvicorn's own handlers, in the main thread)."""
+    """Run the service with uvicorn until SIGTERM or Ctrl-C (uvicorn's own handlers, in the main thread).
+
+    With ``web.workers`` above one, uvicorn's supervisor runs that many worker
+    processes on one listening socket, each its own application made by
+    :func:`worker_app` from the same settings (the file in ``$P3S_CONFIG`` and
+    the ``P3S_*`` variables), and starts a worker again if one dies.
+    """
     from p3s import db
     from p3s.config import split_bind
 
-    if bind:
-        split_bind(bind, "--bind")  # a typo is said before the database is asked anything
+    host, port = split_bind(bind or settings.web.bind, "--bind" if bind else "web.bind")  # before the database
     db.check_schema(settings.database_url)
-    WebServer(settings, bind).run()
+    if settings.web.workers == 1:
+        WebServer(settings, bind).run()
+        return 0
+    # What the workers read their settings from: the same file and variables as this process.
+    os.environ["P3S_CONFIG"] = settings.source_file
+    os.environ["P3S_LOG_LEVEL"] = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    log.info("web: serving on http://%s:%d/ with %d worker processes", host, port, settings.web.workers)
+    try:
+        uvicorn.run(f"{__name__}:worker_app", factory=True, workers=settings.web.workers, **_uvicorn_options(host, port))
+    except SystemExit:
+        raise P3SError(f"web: cannot serve on {host}:{port} (see the error above)") from None
     return 0
+
+
+def worker_app() -> Starlette:
+    """One worker process's application (``web.workers`` > 1): the settings read again, as ``p3s web`` read them."""
+    from p3s.cli import log_to_stderr
+    from p3s.config import load_settings
+
+    log_to_stderr(os.environ.get("P3S_LOG_LEVEL") or "INFO")
+    return create_app(load_settings())
+
+
+def _uvicorn_options(host: str, port: int) -> dict[str, Any]:
+    return {"host": host, "port": port, "log_level": "warning", "access_log": False, "proxy_headers": False,
+            "timeout_graceful_shutdown": 5}

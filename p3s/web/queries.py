@@ -228,14 +228,58 @@ class Cached:
         self._value: Any = None
         self._at = -float("inf")
 
-    def get(self) -> Any:
+    def get(self, compute: Callable[[], Any] | None = None) -> Any:
+        """The shared value, computed by ``compute`` (default: the constructor's) if it is older than
+        ``max_age_s``."""
         if time.monotonic() - self._at < self._max_age_s:
             return self._value
         with self._lock:
             if time.monotonic() - self._at >= self._max_age_s:
-                self._value = self._compute()
+                self._value = (compute or self._compute)()
                 self._at = time.monotonic()
             return self._value
+
+    def expire(self) -> None:
+        """Compute again at the next :meth:`get`."""
+        self._at = -float("inf")
+
+    @property
+    def fresh(self) -> bool:
+        return time.monotonic() - self._at < self._max_age_s
+
+
+class Shared:
+    """Values by key, each a :class:`Cached` of ``max_age_s``: the answers to the same request shared.
+
+    At most ``max_entries`` keys are kept; past that the stale ones are
+    dropped, and if every one is fresh, all of them (a flood of distinct
+    queries costs what it would without this, never memory without bound).
+    ``max_age_s`` 0 shares nothing.
+    """
+
+    def __init__(self, max_age_s: float, max_entries: int = 256) -> None:
+        self.max_age_s = max_age_s
+        self._max_entries = max_entries
+        self._lock = threading.Lock()
+        self._entries: dict[Any, Cached] = {}
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        if self.max_age_s <= 0:
+            return compute()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                if len(self._entries) >= self._max_entries:
+                    self._entries = {k: e for k, e in self._entries.items() if e.fresh}
+                    if len(self._entries) >= self._max_entries:
+                        self._entries.clear()
+                entry = self._entries[key] = Cached(compute, self.max_age_s)
+        return entry.get(compute)
+
+    def clear(self) -> None:
+        """Forget every value (after an operator's action, so that its effect shows at once)."""
+        with self._lock:
+            self._entries.clear()
 
 
 # -- one workflow, one job, templates ---------------------------------------------------

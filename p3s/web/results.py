@@ -178,7 +178,7 @@ class ResultsPages:
         web = self.web
         return [
             Route("/results", web.viewer(self.index_page)),
-            Route("/results/files/{id:int}", web.viewer(self.file)),
+            Route("/results/files/{id:int}", web.viewer(self.file, share=False)),
             Route("/results/{template}", web.viewer(self.template_page)),
             Route("/results/{template}/compare", web.viewer(self.compare_page)),
             Route("/results/{template}/metrics/{name}.svg", web.viewer(self.history_svg)),
