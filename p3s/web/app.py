@@ -193,6 +193,7 @@ class Web:
         self.pages = queries.Shared(settings.web.cache_s)
         # Stands for the CSRF token in a shared answer; each client's own is put in its place.
         self.csrf_marker = secrets.token_hex(16)
+        self.openapi_body: bytes | None = None
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -423,7 +424,9 @@ class Web:
         return JSONResponse({"ok": True, "pid": os.getpid(), "refused": self.refused})
 
     def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi())
+        if self.openapi_body is None:  # the same for the life of the process: encoded once
+            self.openapi_body = JSONResponse(openapi()).body
+        return Response(self.openapi_body, media_type="application/json")
 
     # -- login -------------------------------------------------------------------------
 
