@@ -1,6 +1,7 @@
 """Every page of ``p3s web`` on a real history: a million jobs in PostgreSQL, fifty concurrent clients.
 
     python bench/web.py [--jobs 1000000] [--clients 50] [--requests 10] [--keep | --reuse] [--explain]
+                        [--workers N] [--distinct]
 
 Fills a PostgreSQL database of its own (``p3s_bench_web``, never the one the
 tests use) with ``--jobs`` jobs of a realistic shape, in plain SQL
@@ -19,6 +20,13 @@ prints p50 and p95 per page, and the CPU the server and the clients spent on
 each request.  The floor, measured in the same run: a bare ``SELECT 1`` round trip
 through psycopg from as many concurrent clients (threads, one connection
 each), and ``/healthz`` (the web stack without the database).
+
+Fifty clients asking for the same page share its answer (``web.cache_s``),
+as fifty shifters watching one page do; ``--distinct`` makes every request
+unlike the others (a parameter the pages ignore), so that each costs its own
+queries and rendering: the cost of fifty clients all asking for different
+things.  ``--workers`` sets ``web.workers``; the server's CPU is that of all
+its processes.
 
 ``--explain`` runs the queries behind the pages in this process instead and
 prints PostgreSQL's EXPLAIN ANALYZE of each statement slower than
@@ -393,20 +401,27 @@ class Client:
         self.reader = self.writer = None
 
 
-async def _drive(host: str, port: int, path: str, clients: int, requests: int
+def distinct(path: str, client: int, request: int) -> str:
+    """``path`` made unlike any other request's by a parameter the pages ignore, so that no answer is
+    shared: each request costs its own queries and rendering (``--distinct``)."""
+    return f"{path}{'&' if '?' in path else '?'}_={client}.{request}"
+
+
+async def _drive(host: str, port: int, path: str, clients: int, requests: int, unshared: bool = False
                  ) -> tuple[list[float], dict[int | str, int], float]:
     """``clients`` clients each asking ``path`` ``requests`` times in a row; latencies, statuses, seconds taken."""
     latencies: list[float] = []
     statuses: dict[int | str, int] = {}
     conns = [Client(host, port) for _ in range(clients)]
     # Warm up: connections and caches.
-    await asyncio.gather(*(c.get(path) for c in conns), return_exceptions=True)
+    await asyncio.gather(*(c.get(distinct(path, n, -1) if unshared else path) for n, c in enumerate(conns)),
+                         return_exceptions=True)
 
-    async def one(client: Client) -> None:
-        for _ in range(requests):
+    async def one(n: int, client: Client) -> None:
+        for i in range(requests):
             t0 = time.perf_counter()
             try:
-                code: int | str = (await client.get(path))[0]
+                code: int | str = (await client.get(distinct(path, n, i) if unshared else path))[0]
             except (OSError, asyncio.IncompleteReadError, ValueError) as exc:  # counted; the server's log says why
                 code = type(exc).__name__
             latencies.append(time.perf_counter() - t0)
@@ -414,7 +429,7 @@ async def _drive(host: str, port: int, path: str, clients: int, requests: int
 
     t0 = time.perf_counter()
     try:
-        await asyncio.gather(*(one(c) for c in conns))
+        await asyncio.gather(*(one(n, c) for n, c in enumerate(conns)))
         return latencies, statuses, time.perf_counter() - t0
     finally:
         for c in conns:
@@ -486,9 +501,18 @@ def python_speed() -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of process ``pid`` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User and system CPU time so far of process ``pid`` and of its children (``web.workers``; Linux /proc)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def ms(values: list[float], q: float) -> float:
@@ -505,7 +529,8 @@ def run_load(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="p3s-bench-web-") as tmp, scratch_vhost("p3s-bench-web") as broker:
         state = Path(tmp)
         ids = sample_ids(url, state / "job.log")
-        env = {**p3s_environ(broker, url, state, "WARNING"), "P3S_WEB_NOMINAL_PILOTS": "200"}
+        env = {**p3s_environ(broker, url, state, "WARNING"), "P3S_WEB_NOMINAL_PILOTS": "200",
+               "P3S_WEB_WORKERS": str(args.workers)}
         port = free_port()
         children = Children(env, state)
         server = children.start("web", "web", "--bind", f"127.0.0.1:{port}")
@@ -517,7 +542,7 @@ def run_load(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     continue
                 cpu0, server0 = time.process_time(), cpu_seconds(server.pid)
                 latencies, statuses, took = asyncio.run(_drive("127.0.0.1", port, path, args.clients,
-                                                               args.requests))
+                                                               args.requests, args.distinct))
                 cpu, server_cpu = time.process_time() - cpu0, cpu_seconds(server.pid) - server0
                 goal = None if label.startswith("healthz") else GOAL_MS.get(label, DEFAULT_GOAL_MS)
                 row = {"label": label, "path": path, "p50": ms(latencies, 0.5), "p95": ms(latencies, 0.95),
@@ -635,6 +660,9 @@ def main() -> int:
     parser.add_argument("--explain", action="store_true", help="EXPLAIN ANALYZE the pages' statements, no load")
     parser.add_argument("--explain-ms", type=float, default=2.0)
     parser.add_argument("--only", action="append", help="drive only the pages whose path contains this")
+    parser.add_argument("--distinct", action="store_true",
+                        help="make every request unlike the others (an ignored parameter), so no answer is shared")
+    parser.add_argument("--workers", type=int, default=1, help="web.workers of the server (default 1)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     interrupt_on_sigterm()
