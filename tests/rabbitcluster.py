@@ -221,18 +221,30 @@ class Cluster:
                 return node
         raise ClusterError("no node of the cluster is alive")
 
-    def queue_leader(self, queue: str, vhost: str = "/") -> str:
-        """The node that holds a queue: a quorum queue's leader, a classic queue's home."""
-        out = self.live().ctl("list_queues", "-p", vhost, "name", "type", "leader", "pid", "--no-table-headers",
-                              "--quiet").stdout
+    def queues(self, vhost: str = "/") -> dict[str, tuple[str, int | None]]:
+        """Every queue of ``vhost``: the node that holds it (see :meth:`queue_leader`) and its messages.
+
+        The messages are None where the node cannot count them (its queue's node is down).
+        """
+        out = self.live().ctl("list_queues", "-p", vhost, "name", "type", "leader", "pid", "messages",
+                              "--no-table-headers", "--quiet").stdout
+        found: dict[str, tuple[str, int | None]] = {}
         for line in out.splitlines():
             fields = line.split("\t")
-            if fields and fields[0] == queue:
-                if fields[1] == "quorum":
-                    return fields[2]
-                # A classic queue's pid is <rabbit@host.N.M.K>: the node it lives on.
-                return fields[3].strip("<>").rsplit(".", 3)[0]
-        raise ClusterError(f"queue {queue} not found in vhost {vhost}:\n{out}")
+            if len(fields) < 5:
+                continue
+            name, kind, leader, pid, messages = fields[:5]
+            # A quorum queue has a leader; a classic queue's pid is <rabbit@host.N.M.K>: the node it lives on.
+            node = leader if kind == "quorum" else pid.strip("<>").rsplit(".", 3)[0]
+            found[name] = (node, int(messages) if messages.isdigit() else None)
+        return found
+
+    def queue_leader(self, queue: str, vhost: str = "/") -> str:
+        """The node that holds a queue: a quorum queue's leader, a classic queue's home."""
+        found = self.queues(vhost)
+        if queue not in found:
+            raise ClusterError(f"queue {queue} not found in vhost {vhost}: {sorted(found)}")
+        return found[queue][0]
 
     def stop(self) -> None:
         for node in self.nodes:
