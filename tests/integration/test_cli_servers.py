@@ -3,6 +3,7 @@ an unreachable broker, and two dispatchers upgrading a new database at once."""
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 import time
@@ -59,8 +60,11 @@ def test_status_counts_consumers_and_warns_about_a_queue_nobody_serves(
 
 def test_logs_prints_and_follows_a_jobs_log(tmp_path: Path, broker_url: str, database_url: str) -> None:
     settings = make_settings(tmp_path, broker_url, database_url)
+    # The job runs until the test lets it end: it is running for as long as the test looks, however slow the host.
+    release = tmp_path / "release"
     import_template(settings, graphml({"talk": {
-        "command": "/bin/sh -c 'echo first-line; sleep 2; echo last-line'", "wall_s": "30"}}, trigger="*.dat"))
+        "command": f"/bin/sh -c 'echo first-line; while [ ! -e {release} ]; do sleep 0.1; done; echo last-line'",
+        "wall_s": "120"}}, trigger="*.dat", budget_s=600))
     data = tmp_path / "run1.dat"
     data.write_text("x")
     with Parts(tmp_path, settings) as parts:
@@ -70,15 +74,30 @@ def test_logs_prints_and_follows_a_jobs_log(tmp_path: Path, broker_url: str, dat
         assert parts.run("submit", str(data)).returncode == EXIT_OK
         job = parts.wait_for(lambda: [j for j in parts.jobs() if j["state"] == "running"], what="the job running",
                              alive=[dispatcher, pilot])[0]
-        # Followed from while it runs: the command returns when the job has ended, with every line.
-        follow = subprocess.run([sys.executable, "-m", "p3s", "logs", str(job["id"]), "--follow"], env=parts.env(),
-                                cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert follow.returncode == EXIT_OK, follow.stderr
-        assert "first-line" in follow.stdout and "last-line" in follow.stdout
+        # Followed from while it runs: its first line comes while the job waits; the command returns
+        # when the job has ended, with every line.
+        errors = tmp_path / "follow.err"
+        with open(errors, "wb") as err:
+            follow = subprocess.Popen([sys.executable, "-m", "p3s", "logs", str(job["id"]), "--follow"],
+                                      env=parts.env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            assert select.select([follow.stdout], [], [], 60)[0], "p3s logs --follow printed nothing in 60s"
+            first = follow.stdout.readline()
+            assert "first-line" in first, errors.read_text()
+            release.touch()
+            assert follow.wait(60) == EXIT_OK, errors.read_text()
+            rest = follow.stdout.read()
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait()
+            follow.stdout.close()
+        assert "last-line" in rest and "first-line" not in rest
+        follow_stdout = first + rest
         (ended,) = parts.jobs()
         assert ended["state"] == "finished"
         again = parts.run("logs", str(job["id"]))
-        assert again.returncode == EXIT_OK and again.stdout == follow.stdout
+        assert again.returncode == EXIT_OK and again.stdout == follow_stdout
         # From a host where the log root is elsewhere, and the recorded path not there: said so.
         moved = parts.run("logs", str(job["id"]), P3S_LOG_ROOT=str(tmp_path / "not-mounted"),
                           P3S_STATE_DIR=str(tmp_path / "other-host"))
