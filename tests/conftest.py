@@ -45,6 +45,42 @@ def rabbitmqctl(*args: str, node: str | None = None) -> subprocess.CompletedProc
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
 
 
+#: Tests whose every wait assumes the CPU is theirs: they drive thousands of messages, a
+#: three-node cluster, 100 000 rows, or two dispatchers at full speed.  Under pytest-xdist
+#: they share one worker, so no two of them ever saturate the machine at once.
+CPU_HEAVY = {
+    "tests/integration/test_broker_cluster.py",
+    "tests/integration/test_fuzz.py",
+    "tests/integration/test_purge.py",
+    "tests/integration/test_two_dispatchers.py",
+}
+
+
+def _shares_module_fixture(item: pytest.Item) -> bool:
+    """True if ``item`` uses a module-scoped fixture: one its neighbours in the file use too."""
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
+        if defs and defs[-1].scope in ("module", "package", "class"):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for ``pytest -n N --dist loadgroup``; without xdist the marks change nothing.
+
+    A module whose tests share a module-scoped fixture (one pipeline, one browser, one
+    set of imported definitions, used by its tests in order) runs whole on one worker,
+    so the fixture is made once and the order holds.  The CPU-heavy tests run one after
+    another on a worker of their own.  Everything else goes to whichever worker is free.
+    """
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if path in CPU_HEAVY:
+            item.add_marker(pytest.mark.xdist_group("cpu-heavy"))
+        elif _shares_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(path))
+
+
 @pytest.fixture(scope="session")
 def rabbitmq_available() -> None:
     if not _port_open(RABBITMQ_HOST, RABBITMQ_PORT):
