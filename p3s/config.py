@@ -215,6 +215,10 @@ class DispatcherSettings:
     """Batching, reaping and shedding limits of the dispatcher."""
 
     batch_size: int = 500
+    # A batch of pilots' and watchers' reports alone is held open this long for
+    # more of them, so that many heartbeats share one transaction; a data event,
+    # job report or dead letter is recorded at once all the same.  0: no wait.
+    heartbeat_linger_s: float = 0.5
     reap_interval_s: float = 2.0
     # A queued job is expired by the reaper this long after its deadline: RabbitMQ's
     # TTL and the pilot's own check usually act first, with better reasons.
@@ -555,6 +559,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError("broker.max_queue_length: must be 0 (unbounded) or positive")
     if s.dispatcher.batch_size < 1:
         raise ConfigError("dispatcher.batch_size: must be at least 1")
+    linger = s.dispatcher.heartbeat_linger_s
+    if not (math.isfinite(linger) and 0.0 <= linger < s.dispatcher.heartbeat_timeout_s):
+        raise ConfigError(f"dispatcher.heartbeat_linger_s: must be 0 or more seconds, less than "
+                          f"dispatcher.heartbeat_timeout_s, got {linger}")
     split_bind(s.web.bind)
     if not 1 <= s.web.workers <= 64:
         raise ConfigError(f"web.workers: must be from 1 to 64, got {s.web.workers}")

@@ -6,6 +6,12 @@ the commit loses nothing (RabbitMQ redelivers), and a crash after it is
 recognised on redelivery: the messages are already recorded, and the tasks
 they made that the broker never confirmed are published then.
 
+A batch is recorded as soon as the queues are quiet, except a batch of
+pilots' and watchers' own reports (heartbeats, mostly): that one waits up to
+``dispatcher.heartbeat_linger_s`` for more of them, so a thousand pilots'
+heartbeats share a few transactions instead of one each, while a data event
+or a job report is never kept waiting.
+
 Every message ends in exactly one of three ways: recorded and acked; refused
 to ``p3s.invalid`` with the reason in a header (it cannot be parsed, the
 database refuses it, or handling it raised something unexpected); or kept
@@ -51,6 +57,8 @@ BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 10.0
 #: PostgreSQL's deadlock_detected and serialization_failure: a race lost, not a fault of the batch.
 RACE_SQLSTATES = ("40P01", "40001")
+#: Status reports about the reporter itself, not about a job: they may wait for a batch (see heartbeat_linger_s).
+REGISTRY_REPORTS = (PilotReport, SourcesReport)
 
 
 def task_message(task: Task, now: float) -> Outgoing:
@@ -139,6 +147,10 @@ class Dispatcher(broker.ReconnectingConsumer):
         self._events: list[Item] = []
         self._status: list[Item] = []
         self._expired: list[Item] = []
+        # The open batch of status reports: when its first message arrived (monotonic),
+        # and whether it holds a report that must not wait (see _linger_left).
+        self._status_opened = 0.0
+        self._status_urgent = False
         # Messages whose tasks the broker did not take: handed back after a pause,
         # so their redelivery publishes those tasks; (monotonic time, messages).
         self._held_back: list[tuple[float, list[Message]]] = []
@@ -172,6 +184,7 @@ class Dispatcher(broker.ReconnectingConsumer):
         # as soon as the consumers exist.
         self._events.clear()
         self._status.clear()
+        self._status_urgent = False
         self._expired.clear()
         self._held_back.clear()
         # The publisher's connection died with the broker too, even if nothing
@@ -194,24 +207,31 @@ class Dispatcher(broker.ReconnectingConsumer):
         with self.consumer_context(**kwargs) as (conn, _channel, _consumers):
             while not self.should_stop:
                 self.on_iteration()
-                waiting = self._waiting() and not self._database_wait()
+                turn = broker.turn_s(self.settings.broker, safety_interval)
+                if not self._waiting() or self._database_wait():
+                    # Idle: wait for the next message.  While the database is away,
+                    # wait (and heartbeat) instead of spinning.
+                    timeout = min(turn, self._database_wait() or 1e9)
+                elif self._events or self._expired or self._status_urgent:
+                    # While a batch is open, only take what has already arrived (a
+                    # non-blocking read).  Under load batches fill by themselves while
+                    # a transaction runs; when idle, a wait here would be added to
+                    # every file's latency.
+                    timeout = 0.0
+                else:
+                    # Pilots' reports alone: wait for more of them, but no longer than
+                    # the linger (nor than a turn, so the connection keeps beating).
+                    timeout = min(turn, self._linger_left())
                 got = True
                 try:
-                    # While a batch is open, only take what has already arrived (timeout
-                    # 0: a non-blocking read).  Under load batches fill by themselves
-                    # while a transaction runs; when idle, a wait here would be added
-                    # to every file's latency.  While the database is away, wait (and
-                    # heartbeat) instead of spinning.
-                    turn = broker.turn_s(self.settings.broker, safety_interval)
-                    conn.drain_events(timeout=0 if waiting else min(turn, self._database_wait() or 1e9))
+                    conn.drain_events(timeout=timeout)
                 except TimeoutError:
                     got = False
                 # Every turn: a consumer that is always busy never times out above.
                 conn.heartbeat_check(rate=broker.HEARTBEAT_RATE)
-                if self._waiting() and not self._database_wait() and (
-                    not got or self._waiting() >= self.settings.dispatcher.batch_size
-                ):
-                    self.flush()
+                full = self._waiting() >= self.settings.dispatcher.batch_size
+                if self._waiting() and not self._database_wait() and (not got or full):
+                    self.flush(linger=not full)
                 yield
             self.flush()
 
@@ -230,6 +250,20 @@ class Dispatcher(broker.ReconnectingConsumer):
 
     def _waiting(self) -> int:
         return len(self._events) + len(self._status) + len(self._expired)
+
+    def _linger_left(self) -> float:
+        """Seconds the open batch of status reports may still wait for more (0: record it now).
+
+        Only a batch of pilots' and watchers' own reports waits: a pilot is
+        declared lost after tens of seconds of silence, so its heartbeat can
+        wait a fraction of one for others to share its transaction.  A job
+        report in the batch ends the wait (the next job of a workflow waits on
+        it), and takes the reports waiting beside it into its own transaction.
+        """
+        linger = self.settings.dispatcher.heartbeat_linger_s
+        if not linger or not self._status or self._status_urgent:
+            return 0.0
+        return max(0.0, self._status_opened + linger - time.monotonic())
 
     def _from_account(self, message: Message, queue: str, allowed: tuple[str, ...], what: str) -> bool:
         """False (and the message refused) if ``allowed`` names accounts and the sender is not one."""
@@ -267,6 +301,9 @@ class Dispatcher(broker.ReconnectingConsumer):
                 # Each account speaks on its own exchange: a sources report only from a
                 # watcher's (p3s.events), pilots' reports only on p3s.status.
                 raise InvalidMessage(f"a {type(report).__name__} arrived through exchange {info.get('exchange')!r}")
+            if not self._status:
+                self._status_opened = time.monotonic()
+            self._status_urgent = self._status_urgent or not isinstance(report, REGISTRY_REPORTS)
             self._status.append(Item(message, report))
 
         self._take(message, topology.status_queue.name, parse)
@@ -315,17 +352,27 @@ class Dispatcher(broker.ReconnectingConsumer):
 
     # -- recording ------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Record every buffered message, publish what it made ready, ack."""
+    def flush(self, linger: bool = False) -> None:
+        """Record every buffered message, publish what it made ready, ack.
+
+        ``linger``: leave alone a batch of pilots' reports that may still wait for more.
+        """
         for buffer, work, queue in (
             (self._events, self._record_events, topology.events_queue.name),
             (self._status, self._apply_reports, topology.status_queue.name),
             (self._expired, self._expire, topology.expired_queue.name),
         ):
+            if buffer is self._status and linger and self._linger_left():
+                continue
             if buffer and not self._database_wait():
                 items = buffer[:]
                 buffer.clear()
+                if buffer is self._status:
+                    self._status_urgent = False
                 self._record(items, work, buffer, queue)
+                if buffer is self._status and buffer:
+                    # Kept for the database to come back: still urgent if one of them is.
+                    self._status_urgent = any(not isinstance(i.payload, REGISTRY_REPORTS) for i in buffer)
 
     def _record_events(self, session: Session, items: Sequence[Item], ctx: Context) -> list[Task]:
         return intake.record_events(session, [i.payload for i in items], ctx, [i.note for i in items])
@@ -339,8 +386,8 @@ class Dispatcher(broker.ReconnectingConsumer):
         # for each other but never in a cycle (a deadlock, which PostgreSQL breaks
         # only after a second): first the workflows and jobs reported on, locked up
         # front by id; last the watchers' and pilots' rows, applied in key order.
-        job_items = [i for i in items if not isinstance(i.payload, (SourcesReport, PilotReport))]
-        registry = sorted((i for i in items if isinstance(i.payload, (SourcesReport, PilotReport))),
+        job_items = [i for i in items if not isinstance(i.payload, REGISTRY_REPORTS)]
+        registry = sorted((i for i in items if isinstance(i.payload, REGISTRY_REPORTS)),
                           key=_registry_key)
         jobs.lock_in_order(session, [i.payload.job_id for i in job_items if JobState(i.payload.state).terminal],
                            [i.payload.job_id for i in job_items])
