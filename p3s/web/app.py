@@ -40,7 +40,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from p3s.config import Settings
-from p3s.dispatcher import admin
+from p3s.dispatcher import admin, status
 from p3s.errors import NotFound, P3SError, TemplateError
 from p3s.results import query as result_query
 from p3s.states import Decision, JobState, WorkflowState
@@ -319,8 +319,9 @@ class Web:
         return self.overview_cache.get()
 
     def status(self, request: Request) -> dict[str, Any]:
-        # p3s status --json, as the overview computed it (it asks the broker and the database once for both).
-        return dict(self.overview_cache.get()["status"])
+        # Computed for this request (and shared for web.cache_s like any answer), not the overview's copy:
+        # that one may have been started before the state the caller has just seen.
+        return self.read(status.collect, self.settings, ask_broker=self.ask_broker)
 
     def files(self, request: Request) -> list[dict[str, Any]]:
         p = Params(request)
