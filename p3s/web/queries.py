@@ -231,10 +231,10 @@ class Cached:
     def get(self, compute: Callable[[], Any] | None = None) -> Any:
         """The shared value, computed by ``compute`` (default: the constructor's) if it is older than
         ``max_age_s``."""
-        if time.monotonic() - self._at < self._max_age_s:
+        if self.fresh:
             return self._value
         with self._lock:
-            if time.monotonic() - self._at >= self._max_age_s:
+            if not self.fresh:
                 self._value = (compute or self._compute)()
                 self._at = time.monotonic()
             return self._value
@@ -245,6 +245,7 @@ class Cached:
 
     @property
     def fresh(self) -> bool:
+        """Computed less than ``max_age_s`` ago."""
         return time.monotonic() - self._at < self._max_age_s
 
 
