@@ -64,7 +64,7 @@ def _wait_for_broker(settings: Settings) -> Any:
 def make_dispatcher(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> Dispatcher:
     """A dispatcher with the schema brought to the current revision, once both servers answer."""
     wait_for_database(settings.database_url)
-    engine = db.make_engine(settings.database_url, echo=settings.database.echo)
+    engine = db.make_engine(settings.database_url, echo=settings.database.echo, pre_ping=False)
     connection = _wait_for_broker(settings)
     return Dispatcher(settings, engine, connection, reload_settings=reload_settings)
 

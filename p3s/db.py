@@ -291,8 +291,16 @@ def _sqlite_dir(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def make_engine(url: str, echo: bool = False) -> Engine:
-    """An engine for ``url``; for SQLite, WAL mode so readers never block the dispatcher."""
+def make_engine(url: str, echo: bool = False, pre_ping: bool = True) -> Engine:
+    """An engine for ``url``; for SQLite, WAL mode so readers never block the dispatcher.
+
+    ``pre_ping``: test a pooled connection with a round trip each time it is
+    taken, so a connection the server dropped is replaced before use.  The
+    dispatcher does without: it takes a connection for every batch, and a
+    batch that finds its connection dead is kept and tried again on a fresh
+    one anyway (``DatabaseLost``), so the ping would only add a round trip
+    to every transaction.
+    """
     url = normalise_url(url)
     if make_url(url).get_backend_name() == "sqlite":
         _sqlite_dir(url)
@@ -307,7 +315,7 @@ def make_engine(url: str, echo: bool = False) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True)
+    return create_engine(url, echo=echo, pool_pre_ping=pre_ping)
 
 
 def _alembic_config(url: str) -> Any:

@@ -77,6 +77,8 @@ class Context:
     effects: list[Callable[[], None]] = field(default_factory=list)
     # Orders to pilots (p3s.messages.Control), sent once the transaction has committed.
     orders: list[Any] = field(default_factory=list)
+    # A job of a stage with max_running ended: jobs held for a slot may go now.
+    slots_freed: bool = False
 
     def __post_init__(self) -> None:
         self.output_root = str(self.settings.output_path)

@@ -13,8 +13,10 @@ import logging
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 
 from p3s import metrics
 from p3s.dagengine import Template, can_transition, plan, workflow_state
@@ -30,6 +32,39 @@ from p3s.states import TERMINAL_JOB_STATES, JobState, WorkflowState
 log = logging.getLogger(__name__)
 
 NOT_PUBLISHED = "not published"
+
+# The statements of every report, built once: building an SQLAlchemy statement
+# costs more CPU than running it (bench/RESULTS.md, section 8).  Those that
+# load no objects go through the session's connection, not the ORM.
+_JOBS_OF_WORKFLOW = select(Job).where(Job.workflow_id == bindparam("workflow_id"))
+_LOCK_WORKFLOW = (
+    select(Workflow).where(Workflow.id == bindparam("workflow_id")).with_for_update()
+    .execution_options(populate_existing=True)
+)
+_LOCK_WORKFLOWS_OF_JOBS = (
+    select(Workflow)
+    .where(Workflow.id.in_(select(Job.workflow_id).where(Job.id.in_(bindparam("job_ids", expanding=True)))))
+    .order_by(Workflow.id).with_for_update().execution_options(populate_existing=True)
+)
+_LOCK_JOBS = (
+    select(Job).where(Job.id.in_(bindparam("job_ids", expanding=True))).order_by(Job.id).with_for_update()
+    .execution_options(populate_existing=True)
+)
+_START_JOB = (
+    update(Job.__table__)
+    .where(
+        Job.__table__.c.id == bindparam("job_id"),
+        Job.__table__.c.state.in_([JobState.PENDING, JobState.QUEUED]),
+        or_(Job.__table__.c.token_hash == bindparam("proof"), Job.__table__.c.token_hash.is_(None)),
+    )
+    .values(state=JobState.RUNNING, pilot_id=bindparam("by"), started_at=bindparam("at"), log=bindparam("log_path"))
+    .returning(Job.__table__.c.template, Job.__table__.c.node, Job.__table__.c.queued_at)
+)
+_MARK_PUBLISHED = (
+    update(Job.__table__)
+    .where(Job.__table__.c.id.in_(bindparam("job_ids", expanding=True)), Job.__table__.c.published_at.is_(None))
+    .values(published_at=bindparam("at"))
+)
 #: The ends only a payload's pilot reports: a job in one of them ran to its end on that pilot.
 PILOT_ENDS = (JobState.FINISHED, JobState.FAILED, JobState.TIMEOUT)
 
@@ -158,7 +193,7 @@ def advance(session: Session, wf: Workflow, ctx: Context, active: Active | None 
     reports of two parents cannot both miss that the join is complete.
     """
     tpl = ctx.catalogue.snapshot(session, wf.template_id)
-    jobs = {j.node: j for j in session.scalars(select(Job).where(Job.workflow_id == wf.id))}
+    jobs = {j.node: j for j in session.scalars(_JOBS_OF_WORKFLOW, {"workflow_id": wf.id})}
     states = {n: JobState(j.state) for n, j in jobs.items()}
     step = plan(tpl.parents_map(), states)
     tasks: list[Task] = []
@@ -217,9 +252,30 @@ def _name_jobs(reason: str, jobs: Mapping[str, Job]) -> str:
 
 
 def _locked_workflow(session: Session, workflow_id: int) -> Workflow:
-    return session.scalars(
-        select(Workflow).where(Workflow.id == workflow_id).with_for_update().execution_options(populate_existing=True)
-    ).one()
+    return session.scalars(_LOCK_WORKFLOW, {"workflow_id": workflow_id}).one()
+
+
+# session.info key: the transaction, and the rows lock_in_order locked and loaded in it.
+LOCKED = "p3s_locked"
+
+
+def _locked_rows(session: Session) -> dict[tuple[type, int], Any]:
+    """The rows lock_in_order locked in the session's current transaction (none in a new one).
+
+    Kept here, not only in the session: its identity map holds an unchanged
+    row only while something else refers to it.
+    """
+    transaction = session.get_transaction()
+    held = session.info.get(LOCKED)
+    if held is None or held[0] is not transaction:
+        held = session.info[LOCKED] = (transaction, {})
+    return held[1]
+
+
+def locked_job(session: Session, job_id: int) -> Job | None:
+    """The job, from the rows lock_in_order loaded if it is one of them, else from the session or the database."""
+    job = _locked_rows(session).get((Job, job_id))
+    return job if job is not None else session.get(Job, job_id)
 
 
 def lock_in_order(session: Session, ended: Collection[int], reported: Collection[int]) -> None:
@@ -231,12 +287,18 @@ def lock_in_order(session: Session, ended: Collection[int], reported: Collection
     the tie only after its ``deadlock_timeout``, a second, by failing one
     batch); taken in one order, the second batch waits for the first to
     commit, then sees its changes.
+
+    The rows are loaded as they are once locked, and remembered in the
+    session, so :func:`move_job` neither locks nor reads them again.
     """
+    locked = _locked_rows(session)
     if ended:
-        of_jobs = select(Job.workflow_id).where(Job.id.in_(sorted(set(ended))))
-        session.execute(select(Workflow.id).where(Workflow.id.in_(of_jobs)).order_by(Workflow.id).with_for_update())
-    if reported:
-        session.execute(select(Job.id).where(Job.id.in_(sorted(set(reported)))).order_by(Job.id).with_for_update())
+        workflows = session.scalars(_LOCK_WORKFLOWS_OF_JOBS, {"job_ids": sorted(set(ended))}).all()
+        locked.update(((Workflow, w.id), w) for w in workflows)
+    if reported and (ended or len(set(reported)) > 1):
+        # (One job that only starts needs no lock taken ahead: its one UPDATE takes it.)
+        rows = session.scalars(_LOCK_JOBS, {"job_ids": sorted(set(reported))}).all()
+        locked.update(((Job, j.id), j) for j in rows)
 
 
 def move_job(session: Session, job_id: int, new: JobState, ctx: Context, **fields: object) -> tuple[bool, list[Task]]:
@@ -244,12 +306,17 @@ def move_job(session: Session, job_id: int, new: JobState, ctx: Context, **field
 
     Returns whether the job moved, and the tasks of jobs that became ready.
     """
-    job = session.get(Job, job_id)
+    locked = _locked_rows(session)
+    job = locked.get((Job, job_id)) or session.get(Job, job_id)
     if job is None:
         log.warning("job %s: report for an unknown job ignored", job_id)
         return False, []
-    wf = _locked_workflow(session, job.workflow_id)
-    session.refresh(job)
+    wf = locked.get((Workflow, job.workflow_id))
+    if wf is None or (Job, job_id) not in locked:
+        # Not locked ahead by lock_in_order in this transaction (which locks and
+        # reads the workflow first, then the job): lock the workflow, read the job again.
+        wf = _locked_workflow(session, job.workflow_id)
+        session.refresh(job)
     old = JobState(job.state)
     if not can_transition(old, new):
         return False, []
@@ -258,6 +325,8 @@ def move_job(session: Session, job_id: int, new: JobState, ctx: Context, **field
             setattr(job, key, value)
     if new in TERMINAL_JOB_STATES:
         finish_job(job, new, ctx)
+        if ctx.catalogue.snapshot(session, wf.template_id).node(job.node).max_running is not None:
+            ctx.slots_freed = True
         return True, advance(session, wf, ctx)
     job.state = new
     return True, []
@@ -272,7 +341,7 @@ def apply_job_report(session: Session, report: JobReport, ctx: Context) -> list[
     new = JobState(report.state)
     if new == JobState.RUNNING:
         return _job_started(session, report, ctx)
-    job = session.get(Job, report.job_id)
+    job = locked_job(session, report.job_id)
     if job is None:
         log.warning("job %s: report for an unknown job ignored", report.job_id)
         return []
@@ -312,16 +381,17 @@ def apply_job_report(session: Session, report: JobReport, ctx: Context) -> list[
 def _job_started(session: Session, report: JobReport, ctx: Context) -> list[Task]:
     """A job started: one conditional UPDATE; nothing else moves, so the workflow is not locked."""
     proof = token_hash(report.token) if report.token else ""
-    row = session.execute(
-        update(Job)
-        .where(
-            Job.id == report.job_id,
-            Job.state.in_([JobState.PENDING, JobState.QUEUED]),
-            or_(Job.token_hash == proof, Job.token_hash.is_(None)),
-        )
-        .values(state=JobState.RUNNING, pilot_id=report.pilot_id, started_at=report.started_at, log=report.log)
-        .returning(Job.template, Job.node, Job.queued_at)
+    row = session.connection().execute(
+        _START_JOB, {"job_id": report.job_id, "proof": proof, "by": report.pilot_id, "at": report.started_at,
+                     "log_path": report.log}
     ).first()
+    if row is not None:
+        # Past the ORM: a row this session already holds (an earlier report of the batch) is told.
+        held = session.identity_map.get(identity_key(Job, report.job_id))
+        if held is not None:
+            for key, value in (("state", JobState.RUNNING.value), ("pilot_id", report.pilot_id),
+                               ("started_at", report.started_at), ("log", report.log)):
+                set_committed_value(held, key, value)
     if row is None:
         job = session.get(Job, report.job_id)
         if job is None:
@@ -464,9 +534,4 @@ def workflows_of_jobs(session: Session, job_ids: Collection[int]) -> set[int]:
 def mark_published(session: Session, job_ids: Collection[int], now: float) -> None:
     """The broker confirmed these jobs' tasks."""
     if job_ids:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(sorted(job_ids)), Job.published_at.is_(None))
-            .values(published_at=now)
-            .execution_options(synchronize_session=False)
-        )
+        session.connection().execute(_MARK_PUBLISHED, {"job_ids": sorted(job_ids), "at": now})

@@ -379,7 +379,6 @@ class Dispatcher(broker.ReconnectingConsumer):
 
     def _apply_reports(self, session: Session, items: Sequence[Item], ctx: Context) -> list[Task]:
         tasks: list[Task] = []
-        ended = False
         again: set[int] = set()
         # Another dispatcher may be recording reports on the same rows at the same
         # time.  Every batch takes its row locks in one order, so the two may wait
@@ -400,11 +399,12 @@ class Dispatcher(broker.ReconnectingConsumer):
             except ReportRefused as exc:
                 item.refusal = (exc.kind, str(exc))
                 continue
-            ended = ended or JobState(report.state).terminal
             if redelivered(item.message):
                 again.add(report.job_id)
-        if ended:
-            # A job that ended may have freed a slot of a stage with max_running.
+        if ctx.slots_freed:
+            # A job of a stage with max_running ended: its slot may go to a held job.
+            # (Other slots free through jobs that expire in their queue: the reaper
+            # releases held jobs each round too.)
             tasks.extend(jobs.release_held(session, ctx))
         tasks.extend(jobs.unpublished_tasks(session, ctx, jobs.workflows_of_jobs(session, again)))
         # One query for every pilot reporting, not two per report.
@@ -418,6 +418,9 @@ class Dispatcher(broker.ReconnectingConsumer):
                     pilots.apply_pilot_report(session, item.payload, ctx, sender(item.message), known)
             except ReportRefused as exc:
                 item.refusal = (exc.kind, str(exc))
+        if any(isinstance(i.payload, SourcesReport) for i in registry):
+            session.flush()  # the watchers' rows before the pilots' (key order)
+        pilots.write(session, known)
         return tasks
 
     def _expire(self, session: Session, items: Sequence[Item], ctx: Context) -> list[Task]:
@@ -580,12 +583,18 @@ class Dispatcher(broker.ReconnectingConsumer):
                 task.priority,
                 task.deadline - now,
             )
-        try:
-            with Session(self.engine) as session, session.begin():
-                jobs.mark_published(session, [t.job_id for t in tasks], time.time())
-        except SQLAlchemyError as exc:
-            # They are in the broker's queues; only a later redelivery could be misled.
-            log.warning("dispatcher: could not mark %d task(s) published: %s", len(tasks), exc)
+        for attempt in (1, 2):
+            try:
+                with Session(self.engine) as session, session.begin():
+                    jobs.mark_published(session, [t.job_id for t in tasks], time.time())
+            except DBAPIError as exc:
+                if exc.connection_invalidated and attempt == 1:
+                    continue  # the server dropped the pooled connection (no ping before use): once more
+                log.warning("dispatcher: could not mark %d task(s) published: %s", len(tasks), exc)
+            except SQLAlchemyError as exc:
+                # They are in the broker's queues; only a later redelivery could be misled.
+                log.warning("dispatcher: could not mark %d task(s) published: %s", len(tasks), exc)
+            break
         return True
 
     # -- periodic -------------------------------------------------------------

@@ -43,6 +43,7 @@ def apply_batch(engine, reports: list[PilotReport], ctx: Context) -> list[str]:
             known = pilots.preload(s, [r.pilot_id for r in reports])
             for r in reports:
                 pilots.apply_pilot_report(s, r, ctx, known=known)
+            pilots.write(s, known)
     finally:
         event.remove(engine, "before_cursor_execute", note)
     return statements
