@@ -14,6 +14,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
@@ -531,7 +532,8 @@ def workflows_of_jobs(session: Session, job_ids: Collection[int]) -> set[int]:
     return set(session.scalars(select(Job.workflow_id).where(Job.id.in_(sorted(job_ids)))).all())
 
 
-def mark_published(session: Session, job_ids: Collection[int], now: float) -> None:
-    """The broker confirmed these jobs' tasks."""
+def mark_published(session: Session | Connection, job_ids: Collection[int], now: float) -> None:
+    """The broker confirmed these jobs' tasks (``session``: a session, or a connection in a transaction)."""
     if job_ids:
-        session.connection().execute(_MARK_PUBLISHED, {"job_ids": sorted(job_ids), "at": now})
+        connection = session.connection() if isinstance(session, Session) else session
+        connection.execute(_MARK_PUBLISHED, {"job_ids": sorted(job_ids), "at": now})

@@ -585,8 +585,8 @@ class Dispatcher(broker.ReconnectingConsumer):
             )
         for attempt in (1, 2):
             try:
-                with Session(self.engine) as session, session.begin():
-                    jobs.mark_published(session, [t.job_id for t in tasks], time.time())
+                with self.engine.begin() as connection:  # no ORM session: nothing here is an object
+                    jobs.mark_published(connection, [t.job_id for t in tasks], time.time())
             except DBAPIError as exc:
                 if exc.connection_invalidated and attempt == 1:
                     continue  # the server dropped the pooled connection (no ping before use): once more
