@@ -338,18 +338,27 @@ class Admission:
             elapsed = max(0.0, now - started_at)
             # Past its mean, a run is expected to last about as long again (run times have long tails).
             busy_until[pilot_id] = now + (occupy - elapsed if elapsed < occupy else elapsed)
-        served: dict[str, list[tuple[str, list[str]]]] = {}
+        # Pilots mostly serve the same few lists of queues: each list is read and
+        # weighed once per refresh, not once per pilot (a thousand pilots, every second).
+        served: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+        parsed: dict[str, tuple[str, ...]] = {}
         for pilot_id, queues in pilots:
-            names = [q.strip() for q in (queues or "").split(",") if q.strip()]
+            names = parsed.get(queues or "")
+            if names is None:
+                names = parsed[queues or ""] = tuple(q.strip() for q in (queues or "").split(",") if q.strip())
             for name in names:
                 served.setdefault(name, []).append((pilot_id, names))
         with_work = {q for q, e in entries.items() if e}
         models: dict[str, QueueModel] = {}
         for name in set(served) | set(entries) | set(self._models):
             servers = []
+            slowdowns: dict[tuple[str, ...], float] = {}
             for pilot_id, names in served.get(name, []):
-                busy_queues = sum(1 for n in names if n in with_work or n == name)
-                servers.append(Server(busy_until.get(pilot_id, now), float(max(1, busy_queues))))
+                slowdown = slowdowns.get(names)
+                if slowdown is None:
+                    busy_queues = sum(1 for n in names if n in with_work or n == name)
+                    slowdown = slowdowns[names] = float(max(1, busy_queues))
+                servers.append(Server(busy_until.get(pilot_id, now), slowdown))
             models[name] = QueueModel(name, servers, entries.get(name, []), not ctx.settings.broker.embedded)
         self._models = models
         unserved = {name for name, model in models.items() if not model.servers}
