@@ -33,7 +33,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from p3s.db import Job, Pilot
@@ -55,6 +55,13 @@ SHARE = 0.5
 
 EPSILON_S = 1e-6  # sums of epoch seconds are not exact
 ALIVE = (PilotState.IDLE, PilotState.BUSY)
+
+# What the model is re-read from, each second: built once, run on the session's connection.
+_LIVE_PILOTS = select(Pilot.id, Pilot.queues).where(Pilot.state.in_(ALIVE))
+_QUEUED = select(Job.id, Job.queue, Job.priority, Job.deadline, Job.queued_at, Job.template, Job.node).where(
+    Job.state == JobState.QUEUED, Job.deadline > bindparam("now")
+)
+_RUNNING = select(Job.pilot_id, Job.started_at, Job.template, Job.node).where(Job.state == JobState.RUNNING)
 
 
 @dataclass
@@ -313,16 +320,11 @@ class Admission:
         now = ctx.now
         self._refreshed = now
         self._learn_stages(session, ctx)
-        pilots = session.execute(
-            select(Pilot.id, Pilot.queues).where(Pilot.state.in_(ALIVE))
-        ).all()
-        queued = session.execute(
-            select(Job.id, Job.queue, Job.priority, Job.deadline, Job.queued_at, Job.template, Job.node)
-            .where(Job.state == JobState.QUEUED, Job.deadline > now)
-        ).all()
-        running = session.execute(
-            select(Job.pilot_id, Job.started_at, Job.template, Job.node).where(Job.state == JobState.RUNNING)
-        ).all()
+        session.flush()  # the batch's own changes, which a connection's statement would not see otherwise
+        connection = session.connection()
+        pilots = connection.execute(_LIVE_PILOTS).all()
+        queued = connection.execute(_QUEUED, {"now": now}).all()
+        running = connection.execute(_RUNNING).all()
         entries: dict[str, list[Entry]] = {}
         for job_id, queue, priority, deadline, queued_at, template, node in queued:
             if job_id in batch:
