@@ -307,11 +307,11 @@ def move_job(session: Session, job_id: int, new: JobState, ctx: Context, **field
 
     Returns whether the job moved, and the tasks of jobs that became ready.
     """
-    locked = _locked_rows(session)
-    job = locked.get((Job, job_id)) or session.get(Job, job_id)
+    job = locked_job(session, job_id)
     if job is None:
         log.warning("job %s: report for an unknown job ignored", job_id)
         return False, []
+    locked = _locked_rows(session)
     wf = locked.get((Workflow, job.workflow_id))
     if wf is None or (Job, job_id) not in locked:
         # Not locked ahead by lock_in_order in this transaction (which locks and
