@@ -345,9 +345,10 @@ class Admission:
         served: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
         parsed: dict[str, tuple[str, ...]] = {}
         for pilot_id, queues in pilots:
-            names = parsed.get(queues or "")
+            queues = queues or ""
+            names = parsed.get(queues)
             if names is None:
-                names = parsed[queues or ""] = tuple(q.strip() for q in (queues or "").split(",") if q.strip())
+                names = parsed[queues] = tuple(q.strip() for q in queues.split(",") if q.strip())
             for name in names:
                 served.setdefault(name, []).append((pilot_id, names))
         with_work = {q for q, e in entries.items() if e}

@@ -51,19 +51,20 @@ _LOCK_JOBS = (
     select(Job).where(Job.id.in_(bindparam("job_ids", expanding=True))).order_by(Job.id).with_for_update()
     .execution_options(populate_existing=True)
 )
+_JOBS = Job.__table__
 _START_JOB = (
-    update(Job.__table__)
+    update(_JOBS)
     .where(
-        Job.__table__.c.id == bindparam("job_id"),
-        Job.__table__.c.state.in_([JobState.PENDING, JobState.QUEUED]),
-        or_(Job.__table__.c.token_hash == bindparam("proof"), Job.__table__.c.token_hash.is_(None)),
+        _JOBS.c.id == bindparam("job_id"),
+        _JOBS.c.state.in_([JobState.PENDING, JobState.QUEUED]),
+        or_(_JOBS.c.token_hash == bindparam("proof"), _JOBS.c.token_hash.is_(None)),
     )
     .values(state=JobState.RUNNING, pilot_id=bindparam("by"), started_at=bindparam("at"), log=bindparam("log_path"))
-    .returning(Job.__table__.c.template, Job.__table__.c.node, Job.__table__.c.queued_at)
+    .returning(_JOBS.c.template, _JOBS.c.node, _JOBS.c.queued_at)
 )
 _MARK_PUBLISHED = (
-    update(Job.__table__)
-    .where(Job.__table__.c.id.in_(bindparam("job_ids", expanding=True)), Job.__table__.c.published_at.is_(None))
+    update(_JOBS)
+    .where(_JOBS.c.id.in_(bindparam("job_ids", expanding=True)), _JOBS.c.published_at.is_(None))
     .values(published_at=bindparam("at"))
 )
 #: The ends only a payload's pilot reports: a job in one of them ran to its end on that pilot.
@@ -386,15 +387,8 @@ def _job_started(session: Session, report: JobReport, ctx: Context) -> list[Task
         _START_JOB, {"job_id": report.job_id, "proof": proof, "by": report.pilot_id, "at": report.started_at,
                      "log_path": report.log}
     ).first()
-    if row is not None:
-        # Past the ORM: a row this session already holds (an earlier report of the batch) is told.
-        held = session.identity_map.get(identity_key(Job, report.job_id))
-        if held is not None:
-            for key, value in (("state", JobState.RUNNING.value), ("pilot_id", report.pilot_id),
-                               ("started_at", report.started_at), ("log", report.log)):
-                set_committed_value(held, key, value)
     if row is None:
-        job = session.get(Job, report.job_id)
+        job = locked_job(session, report.job_id)
         if job is None:
             log.debug("job %s: running report from pilot %s for an unknown job ignored", report.job_id,
                       report.pilot_id)
@@ -419,6 +413,12 @@ def _job_started(session: Session, report: JobReport, ctx: Context) -> list[Task
             log.debug("job %s: running report from pilot %s ignored, job is %s", report.job_id, report.pilot_id,
                       job.state)
         return []
+    # Past the ORM: a row this session already holds (an earlier report of the batch) is told.
+    held = session.identity_map.get(identity_key(Job, report.job_id))
+    if held is not None:
+        for key, value in (("state", JobState.RUNNING.value), ("pilot_id", report.pilot_id),
+                           ("started_at", report.started_at), ("log", report.log)):
+            set_committed_value(held, key, value)
     template, node, queued_at = row
     if report.started_at and queued_at:
         waited = max(0.0, report.started_at - queued_at)

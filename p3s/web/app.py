@@ -791,8 +791,8 @@ def _quiet_collector() -> None:
     allocations instead of 700.  With CPython's defaults, fifty clients asking
     at once made the collector walk the heap repeatedly, and every request in
     flight waited for it: bench/web.py saw the 95th percentile of pages that
-    touch no database (``/healthz``, ``/openapi.json``) at 140-240 ms against a
-    median of 25 ms, and under 35 ms with this (bench/RESULTS.md, section 10).
+    touch no database (``/healthz``, ``/openapi.json``) at 159 and 240 ms against a
+    median of 35 and 28 ms, and at 43 and 28 ms with this (bench/RESULTS.md, section 10).
     Reference counting frees almost everything a request makes; only cycles
     wait for the rarer collections.  Not done beside the pipeline
     (``p3s run --web``), whose parts share the process.
