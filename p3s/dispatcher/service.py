@@ -585,7 +585,8 @@ class Dispatcher(broker.ReconnectingConsumer):
             )
         for attempt in (1, 2):
             try:
-                with self.engine.begin() as connection:  # no ORM session: nothing here is an object
+                # One UPDATE, atomic by itself: no ORM session, and no BEGIN and COMMIT round trips.
+                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
                     jobs.mark_published(connection, [t.job_id for t in tasks], time.time())
             except DBAPIError as exc:
                 if exc.connection_invalidated and attempt == 1:
@@ -619,9 +620,10 @@ class Dispatcher(broker.ReconnectingConsumer):
         with Session(self.engine) as session:
             metrics.export_templates(tpl for _rec, tpl in self.catalogue.active(session).templates)
             export_alarms(session)
+            counts = {PilotState(state): n for state, n in
+                      session.execute(select(Pilot.state, func.count()).group_by(Pilot.state))}
             for state in PilotState:
-                count = session.scalar(select(func.count()).select_from(Pilot).where(Pilot.state == state))
-                metrics.PILOTS.labels(state).set(count or 0)
+                metrics.PILOTS.labels(state).set(counts.get(state, 0))
             oldest = session.scalar(select(func.min(Job.queued_at)).where(Job.state == JobState.QUEUED))
         age = max(0.0, now - oldest) if oldest else 0.0
         metrics.OLDEST_QUEUED_AGE.set(age)
