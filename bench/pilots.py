@@ -36,8 +36,10 @@ Measured:
   report's ``sent_at`` to the commit of the update of the pilot's row.
 
 The floor, in the same run: an AMQP round trip to another process
-(publish -> consume -> ack + reply -> consume; a report needs one way of it)
-and a one-row PostgreSQL transaction (a report needs at least one commit).
+(publish -> consume -> ack + reply -> consume; a report needs one way of it),
+a one-row PostgreSQL transaction (a report needs at least one commit), and
+the CPU this host takes to parse 10 000 heartbeats with ``p3s.messages`` (a
+share of a core is a share of this core: the CPU floor says how fast it was).
 
 ``--profile FILE`` runs the dispatcher of the largest run under cProfile, on
 each thread's CPU clock, and writes its statistics to FILE (read them with ``python -m pstats FILE``).
@@ -444,6 +446,33 @@ def common_settings(broker_url: str) -> Any:
     return load_settings(None, {"P3S_BROKER_URL": broker_url})
 
 
+#: Heartbeats parsed for the CPU floor.
+CPU_FLOOR_REPORTS = 10_000
+
+
+def cpu_floor(reports: int = CPU_FLOOR_REPORTS) -> float:
+    """Milliseconds of CPU this host takes to parse ``reports`` heartbeats with p3s.messages (best of three).
+
+    The dispatcher's CPU share is a share of this host's core: a core half as
+    fast doubles it.  This fixed piece of the dispatcher's own pure-Python
+    work, timed in the same run, says how fast the core was, so that runs on
+    different hosts (or on one host whose speed drifts) can be compared.
+    """
+    from p3s.messages import PilotReport, encode, parse_status
+    from p3s.states import PilotState
+
+    bodies = [encode(PilotReport(pilot_id=f"pilot-{i:04d}", event="heartbeat", host="wn01", pid=1000 + i,
+                                 queues=["default"], state=PilotState.IDLE, sent_at=1000.0 + i))
+              for i in range(reports)]
+    best = math.inf
+    for _ in range(3):
+        start = time.process_time()
+        for body in bodies:
+            parse_status(body)
+        best = min(best, time.process_time() - start)
+    return 1000 * best
+
+
 def floors(rounds: int) -> dict[str, float]:
     with common.scratch_vhost("bench-pilots-floor") as broker_url, \
             common.scratch_database("bench_pilots_floor") as database_url:
@@ -451,7 +480,7 @@ def floors(rounds: int) -> dict[str, float]:
         _rows, one_txn = common.pg_insert_rate(database_url, 1000)
     trip = common.summary(trips)
     return {"amqp_round_trip_p50_ms": trip["p50"], "amqp_round_trip_p99_ms": trip["p99"],
-            "pg_one_row_txn_ms": 1000 * one_txn}
+            "pg_one_row_txn_ms": 1000 * one_txn, "cpu_parse_heartbeats_ms": cpu_floor()}
 
 
 def profiled_dispatcher(path: str) -> int:
@@ -500,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, f in (("before", floor_before), ("after", floor_after)):
         print(f"  floor {label}: AMQP round trip to another process p50 {f['amqp_round_trip_p50_ms']:.2f} ms, "
               f"p99 {f['amqp_round_trip_p99_ms']:.2f} ms; PostgreSQL one-row transaction "
-              f"{f['pg_one_row_txn_ms']:.2f} ms")
+              f"{f['pg_one_row_txn_ms']:.2f} ms; CPU, {CPU_FLOOR_REPORTS:,} heartbeats parsed "
+              f"{f['cpu_parse_heartbeats_ms']:.0f} ms")
     for r in runs:
         print(f"\n{r['pilots']} pilots ({r['pilots_per_connection']} per AMQP connection): dispatcher CPU {100 * r['dispatcher_cpu_share']:.1f}% of a core "
               f"(simulators {100 * r['simulators_cpu_share']:.0f}%), {r['events']} events, "
