@@ -532,8 +532,7 @@ def workflows_of_jobs(session: Session, job_ids: Collection[int]) -> set[int]:
     return set(session.scalars(select(Job.workflow_id).where(Job.id.in_(sorted(job_ids)))).all())
 
 
-def mark_published(session: Session | Connection, job_ids: Collection[int], now: float) -> None:
-    """The broker confirmed these jobs' tasks (``session``: a session, or a connection in a transaction)."""
+def mark_published(connection: Connection, job_ids: Collection[int], now: float) -> None:
+    """The broker confirmed these jobs' tasks: one UPDATE, atomic by itself (autocommit will do)."""
     if job_ids:
-        connection = session.connection() if isinstance(session, Session) else session
         connection.execute(_MARK_PUBLISHED, {"job_ids": sorted(job_ids), "at": now})

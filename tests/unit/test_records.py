@@ -132,7 +132,7 @@ def test_redelivered_event_is_recorded_once(engine, tmp_path: Path) -> None:
     ev = event("f1")
     (task,) = record(engine, [ev], ctx(tmp_path))
     with Session(engine) as s, s.begin():
-        mark_published(s, [task.job_id], time.time())
+        mark_published(s.connection(), [task.job_id], time.time())
     assert record(engine, [ev], ctx(tmp_path)) == [], "the same event again is a redelivery, not a new sighting"
     with Session(engine) as s:
         assert len(admin.list_files(s)) == 1
@@ -218,7 +218,7 @@ def test_reaper_expires_late_jobs_and_loses_silent_pilots(engine, tmp_path: Path
     c = ctx(tmp_path, P3S_DISPATCHER_REAP_GRACE_S="0")
     (task,) = record(engine, [event("f1")], c)
     with Session(engine) as s, s.begin():
-        mark_published(s, [task.job_id], time.time())
+        mark_published(s.connection(), [task.job_id], time.time())
     later = Context(c.settings, now=time.time() + 5)
     with Session(engine) as s, s.begin():
         assert reaper.reap(s, later) == []
